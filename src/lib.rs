@@ -1,9 +1,25 @@
 //! egress-scaler: a durable queue, a KEDA external scaler and a dispatcher for LiveKit egress.
 //!
 //! Modules, in the order data flows:
+//! - [`config`]: flags, environment and TOML file, parsed once into typed settings.
+//! - [`intake`]: the HTTP API (enqueue, lookup, cancel, status, metrics, health).
+//! - [`egress_request`]: the LiveKit start request of a ticket, validated per kind.
+//! - [`queue`]: the Redis FIFO of egress requests with de-duplication and demand counters.
+//! - [`fleet`]: the egress pods, observed from their metrics into a snapshot.
 //! - [`model`]: the replica model, pure: demand + fleet snapshot + settings -> decision.
-//! - [`queue`]: the Redis FIFO of egress requests with de-duplication.
+//! - [`scaler`]: the KEDA external scaler gRPC service over the model.
+//! - [`telemetry`]: the metrics registry and logging.
+//! - [`server`]: `serve`, wiring the above with one shutdown token.
+//! - [`cli`]: the subcommands, `enqueue` and `status` as clients of the HTTP API.
 #![forbid(unsafe_code)]
 
+pub mod cli;
+pub mod config;
+pub mod egress_request;
+pub mod fleet;
+pub mod intake;
 pub mod model;
 pub mod queue;
+pub mod scaler;
+pub mod server;
+pub mod telemetry;

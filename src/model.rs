@@ -759,4 +759,108 @@ mod tests {
         }
         assert!("video".parse::<EgressKind>().is_err());
     }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        const TYPES: [&str; 6] = ["room_composite", "web", "participant", "track_composite", "track", "template"];
+
+        fn kind() -> impl Strategy<Value = EgressKind> {
+            (0..EgressKind::ALL.len()).prop_map(|i| EgressKind::ALL[i])
+        }
+
+        fn demand() -> impl Strategy<Value = Demand> {
+            prop::collection::vec((kind(), 0u64..40), 0..6).prop_map(Demand::from_counts)
+        }
+
+        fn pod() -> impl Strategy<Value = Pod> {
+            let state = (0..PodState::ALL.len()).prop_map(|i| PodState::ALL[i]);
+            (state, prop::collection::vec((0..TYPES.len(), 0u64..4), 0..3), prop::option::of(any::<bool>())).prop_map(
+                |(state, active, can_accept_video)| {
+                    let mut pod = Pod::new("pod", state);
+                    for (t, count) in active {
+                        pod = pod.with_active(TYPES[t], count);
+                    }
+                    pod.can_accept_video = can_accept_video;
+                    pod
+                },
+            )
+        }
+
+        fn fleet() -> impl Strategy<Value = FleetSnapshot> {
+            prop::collection::vec(pod(), 0..8).prop_map(|pods| FleetSnapshot { pods })
+        }
+
+        fn settings() -> impl Strategy<Value = Settings> {
+            // Costs in quarter cores, as operators write them; some may exceed the pod.
+            let costs = prop::collection::vec(1u64..=24, 7);
+            (2u64..=16, 50u32..=100, costs, 0u32..3, 0u32..4, 0u32..60).prop_map(
+                |(cpu, percent, costs, warm_pool, min, extra)| {
+                    let mut table = CostTable::default();
+                    for (kind, quarters) in EgressKind::ALL.into_iter().zip(costs) {
+                        table.set(kind, quarters * 250);
+                    }
+                    Settings {
+                        pod_cpu: cpu * 1000,
+                        max_cpu_utilization: f64::from(percent) / 100.0,
+                        costs: table,
+                        warm_pool,
+                        min_replicas: min,
+                        max_replicas: min + extra,
+                    }
+                },
+            )
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(2000))]
+
+            #[test]
+            fn more_demand_never_wants_fewer_pods(
+                settings in settings(), fleet in fleet(), base in demand(), more in demand()
+            ) {
+                let mut grown = base.clone();
+                for (kind, count) in more.iter() {
+                    grown.add(kind, count);
+                }
+                let before = decide(&settings, &base, &fleet);
+                let after = decide(&settings, &grown, &fleet);
+                prop_assert!(after.unclamped >= before.unclamped, "{before:?} -> {after:?}");
+                prop_assert!(after.desired >= before.desired);
+            }
+
+            #[test]
+            fn busy_and_unknown_pods_are_always_counted(
+                settings in settings(), fleet in fleet(), demand in demand()
+            ) {
+                let decision = decide(&settings, &demand, &fleet);
+                let kept = fleet.pods.iter().filter(|pod| {
+                    pod.state == PodState::Unknown || (pod.state == PodState::Ready && pod.active_total() > 0)
+                }).count() as u64;
+                prop_assert!(decision.unclamped >= kept);
+                prop_assert!(u64::from(decision.desired) >= kept.min(u64::from(settings.max_replicas)));
+            }
+
+            #[test]
+            fn the_answer_stays_within_min_and_max(
+                settings in settings(), fleet in fleet(), demand in demand()
+            ) {
+                let decision = decide(&settings, &demand, &fleet);
+                prop_assert!(decision.desired >= settings.min_replicas);
+                prop_assert!(decision.desired <= settings.max_replicas);
+            }
+
+            #[test]
+            fn every_schedulable_job_is_placed(
+                settings in settings(), fleet in fleet(), demand in demand()
+            ) {
+                let decision = decide(&settings, &demand, &fleet);
+                let unschedulable: u64 = decision.unschedulable.values().sum();
+                let on_new_pods = demand.total() - unschedulable - decision.placed_on_existing;
+                prop_assert!(on_new_pods == 0 || decision.new_pods > 0);
+                prop_assert!(decision.new_pods <= on_new_pods);
+            }
+        }
+    }
 }

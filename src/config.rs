@@ -1,0 +1,557 @@
+//! Command line, environment and TOML configuration, parsed once into typed settings.
+//!
+//! Precedence for `serve`: flag, then its environment variable, then the `--config` file,
+//! then the default of DESIGN.md 5. Every error names the setting it is about.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use serde::Deserialize;
+
+use crate::fleet::{FleetOptions, FleetSource};
+use crate::model::{EgressKind, Settings, cores_to_millicores};
+use crate::queue::QueueName;
+
+/// `egress-scaler`: a durable queue, a KEDA external scaler and a dispatcher for LiveKit egress.
+#[derive(Debug, Parser)]
+#[command(name = "egress-scaler", version, about)]
+pub struct Cli {
+    /// Log format.
+    #[arg(long, global = true, env = "EGRESS_SCALER_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the KEDA external scaler, the HTTP API and (with LiveKit credentials) the dispatcher.
+    Serve(Box<ServeArgs>),
+    /// Queue one egress request through a running server's HTTP API.
+    Enqueue(EnqueueArgs),
+    /// Show queues, fleet and desired replicas from a running server.
+    Status(StatusArgs),
+}
+
+/// Flags of `serve` (each also an `EGRESS_SCALER_<FLAG>` environment variable).
+#[derive(Debug, Default, Args)]
+pub struct ServeArgs {
+    /// TOML file with the same settings (flag names with `_` for `-`).
+    #[arg(long, env = "EGRESS_SCALER_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Redis or Redis Cluster URL, redis:// or rediss:// (also env REDIS_URL).
+    #[arg(long, env = "EGRESS_SCALER_REDIS_URL")]
+    pub redis_url: Option<String>,
+    /// KEDA gRPC listen address [default: 0.0.0.0:9090].
+    #[arg(long, env = "EGRESS_SCALER_GRPC_LISTEN")]
+    pub grpc_listen: Option<SocketAddr>,
+    /// HTTP API, webhook, /metrics, /healthz, /readyz listen address [default: 0.0.0.0:8080].
+    #[arg(long, env = "EGRESS_SCALER_HTTP_LISTEN")]
+    pub http_listen: Option<SocketAddr>,
+    /// Static egress pod metrics URL (repeatable).
+    #[arg(long = "egress-metrics", value_name = "URL", env = "EGRESS_SCALER_EGRESS_METRICS", value_delimiter = ',')]
+    pub egress_metrics: Vec<String>,
+    /// Discover egress pods from the A/AAAA records of a headless Service.
+    #[arg(long, value_name = "HOST:PORT", env = "EGRESS_SCALER_EGRESS_DNS")]
+    pub egress_dns: Option<String>,
+    /// Read the egress fleet from a Prometheus server's HTTP API instead of scraping.
+    #[arg(long, value_name = "URL", env = "EGRESS_SCALER_PROMETHEUS_URL")]
+    pub prometheus_url: Option<String>,
+    /// CPU limit of one egress pod, in cores [default: 4].
+    #[arg(long, env = "EGRESS_SCALER_POD_CPU")]
+    pub pod_cpu: Option<f64>,
+    /// The egress max_cpu_utilization [default: 0.8].
+    #[arg(long, env = "EGRESS_SCALER_MAX_CPU_UTILIZATION")]
+    pub max_cpu_utilization: Option<f64>,
+    /// Cost table override, KIND=CORES (repeatable).
+    #[arg(long = "cost", value_name = "KIND=CORES", env = "EGRESS_SCALER_COST", value_delimiter = ',')]
+    pub cost: Vec<String>,
+    /// Idle pods to keep ready [default: 0].
+    #[arg(long, env = "EGRESS_SCALER_WARM_POOL")]
+    pub warm_pool: Option<u32>,
+    /// Lower clamp of desired replicas [default: 0].
+    #[arg(long, env = "EGRESS_SCALER_MIN_REPLICAS")]
+    pub min_replicas: Option<u32>,
+    /// Upper clamp of desired replicas [default: 100].
+    #[arg(long, env = "EGRESS_SCALER_MAX_REPLICAS")]
+    pub max_replicas: Option<u32>,
+    /// Default queue name [default: default].
+    #[arg(long, env = "EGRESS_SCALER_QUEUE")]
+    pub queue: Option<String>,
+    /// livekit-server URL for the dispatcher (dispatcher off without it).
+    #[arg(long, env = "LIVEKIT_URL")]
+    pub livekit_url: Option<String>,
+    /// Seconds between two refreshes of the fleet snapshot [default: 2].
+    #[arg(long, env = "EGRESS_SCALER_FLEET_REFRESH_SECONDS")]
+    pub fleet_refresh_seconds: Option<f64>,
+    /// Timeout of one egress metrics scrape, seconds [default: 1].
+    #[arg(long, env = "EGRESS_SCALER_SCRAPE_TIMEOUT_SECONDS")]
+    pub scrape_timeout_seconds: Option<f64>,
+    /// Age after which the fleet snapshot is too old to scale on, seconds [default: 15].
+    #[arg(long, env = "EGRESS_SCALER_FLEET_STALE_SECONDS")]
+    pub fleet_stale_seconds: Option<f64>,
+}
+
+/// Flags of `enqueue`.
+#[derive(Debug, Args)]
+pub struct EnqueueArgs {
+    /// Base URL of a running `egress-scaler serve` HTTP API.
+    #[arg(long, env = "EGRESS_SCALER_SERVER", default_value = "http://127.0.0.1:8080")]
+    pub server: String,
+    /// Egress kind: room_composite, audio_room_composite, web, audio_web, participant, track_composite, track.
+    #[arg(long)]
+    pub kind: EgressKind,
+    /// Room to record.
+    #[arg(long = "room")]
+    pub room_name: String,
+    /// File with the LiveKit start request as protobuf JSON (`-` for standard input).
+    #[arg(long)]
+    pub request: Option<PathBuf>,
+    /// De-duplication key [default: kind and room name].
+    #[arg(long)]
+    pub dedup_key: Option<String>,
+    /// Queue [default: the server's default queue].
+    #[arg(long)]
+    pub queue: Option<String>,
+}
+
+/// Flags of `status`.
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// Base URL of a running `egress-scaler serve` HTTP API.
+    #[arg(long, env = "EGRESS_SCALER_SERVER", default_value = "http://127.0.0.1:8080")]
+    pub server: String,
+    /// Print the server's JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// The `--config` file: the `serve` settings with `_` in place of `-`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    redis_url: Option<String>,
+    grpc_listen: Option<SocketAddr>,
+    http_listen: Option<SocketAddr>,
+    egress_metrics: Option<Vec<String>>,
+    egress_dns: Option<String>,
+    prometheus_url: Option<String>,
+    pod_cpu: Option<f64>,
+    max_cpu_utilization: Option<f64>,
+    cost: Option<BTreeMap<String, f64>>,
+    warm_pool: Option<u32>,
+    min_replicas: Option<u32>,
+    max_replicas: Option<u32>,
+    queue: Option<String>,
+    livekit_url: Option<String>,
+    fleet_refresh_seconds: Option<f64>,
+    scrape_timeout_seconds: Option<f64>,
+    fleet_stale_seconds: Option<f64>,
+}
+
+/// LiveKit API key and secret (from the environment only, never flags).
+#[derive(Clone)]
+pub struct ApiCredentials {
+    /// `LIVEKIT_API_KEY`.
+    pub key: String,
+    /// `LIVEKIT_API_SECRET`.
+    pub secret: String,
+}
+
+impl std::fmt::Debug for ApiCredentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApiCredentials")
+            .field("key", &self.key)
+            .field("secret", &"<redacted>")
+            .finish()
+    }
+}
+
+/// Everything `serve` needs, validated.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    /// Redis URL.
+    pub redis_url: String,
+    /// KEDA gRPC address.
+    pub grpc_listen: SocketAddr,
+    /// HTTP address.
+    pub http_listen: SocketAddr,
+    /// Where the fleet is observed.
+    pub fleet_source: FleetSource,
+    /// How the fleet is observed.
+    pub fleet_options: FleetOptions,
+    /// Replica model settings (process defaults; trigger metadata may override some).
+    pub settings: Settings,
+    /// Queue used when a request or trigger names none.
+    pub default_queue: QueueName,
+    /// livekit-server URL, when the dispatcher should run.
+    pub livekit_url: Option<String>,
+    /// API credentials: HTTP API auth and the dispatcher's Twirp calls.
+    pub credentials: Option<ApiCredentials>,
+}
+
+/// A setting has a value that cannot be used.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid setting {setting}: {reason}")]
+pub struct ConfigError {
+    /// The flag or key, as the operator wrote it.
+    pub setting: &'static str,
+    /// What is wrong with it.
+    pub reason: String,
+}
+
+fn invalid(setting: &'static str, reason: impl Into<String>) -> ConfigError {
+    ConfigError {
+        setting,
+        reason: reason.into(),
+    }
+}
+
+/// Reads the environment the way `serve` does, so tests can inject one.
+pub trait Environment {
+    /// The variable's value, when set and not empty.
+    fn var(&self, name: &str) -> Option<String>;
+}
+
+/// The process environment.
+pub struct ProcessEnvironment;
+
+impl Environment for ProcessEnvironment {
+    fn var(&self, name: &str) -> Option<String> {
+        std::env::var(name).ok().filter(|value| !value.is_empty())
+    }
+}
+
+impl ServeArgs {
+    /// Merges flags, environment and the config file into a validated [`ServeConfig`].
+    pub fn resolve(self, env: &dyn Environment) -> Result<ServeConfig, ConfigError> {
+        let file = match &self.config {
+            Some(path) => read_file_config(path)?,
+            None => FileConfig::default(),
+        };
+
+        let redis_url = self
+            .redis_url
+            .or_else(|| env.var("REDIS_URL"))
+            .or(file.redis_url)
+            .unwrap_or_else(|| "redis://127.0.0.1:6379".to_owned());
+        if !(redis_url.starts_with("redis://") || redis_url.starts_with("rediss://")) {
+            return Err(invalid(
+                "--redis-url",
+                format!("{redis_url:?} must start with redis:// or rediss://"),
+            ));
+        }
+
+        let grpc_listen = self
+            .grpc_listen
+            .or(file.grpc_listen)
+            .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 9090)));
+        let http_listen = self
+            .http_listen
+            .or(file.http_listen)
+            .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 8080)));
+
+        let egress_metrics = if self.egress_metrics.is_empty() {
+            file.egress_metrics.unwrap_or_default()
+        } else {
+            self.egress_metrics
+        };
+        let fleet_source = fleet_source(
+            egress_metrics,
+            self.egress_dns.or(file.egress_dns),
+            self.prometheus_url.or(file.prometheus_url),
+        )?;
+
+        let mut fleet_options = FleetOptions::default();
+        if let Some(seconds) = self.fleet_refresh_seconds.or(file.fleet_refresh_seconds) {
+            fleet_options.refresh_interval = positive_seconds("--fleet-refresh-seconds", seconds)?;
+        }
+        if let Some(seconds) = self.scrape_timeout_seconds.or(file.scrape_timeout_seconds) {
+            fleet_options.scrape_timeout = positive_seconds("--scrape-timeout-seconds", seconds)?;
+        }
+        if let Some(seconds) = self.fleet_stale_seconds.or(file.fleet_stale_seconds) {
+            fleet_options.stale_after = positive_seconds("--fleet-stale-seconds", seconds)?;
+        }
+
+        let mut settings = Settings::default();
+        if let Some(cores) = self.pod_cpu.or(file.pod_cpu) {
+            settings.pod_cpu = cores_to_millicores(cores)
+                .filter(|m| *m > 0)
+                .ok_or_else(|| invalid("--pod-cpu", format!("{cores} is not a positive number of cores")))?;
+        }
+        if let Some(u) = self.max_cpu_utilization.or(file.max_cpu_utilization) {
+            if !(u > 0.0 && u <= 1.0) {
+                return Err(invalid(
+                    "--max-cpu-utilization",
+                    format!("{u} must be greater than 0 and at most 1"),
+                ));
+            }
+            settings.max_cpu_utilization = u;
+        }
+        for (kind, cores) in file.cost.unwrap_or_default() {
+            set_cost(&mut settings, &kind, cores)?;
+        }
+        for pair in &self.cost {
+            let (kind, cores) = pair
+                .split_once('=')
+                .ok_or_else(|| invalid("--cost", format!("{pair:?} is not KIND=CORES")))?;
+            let cores: f64 = cores
+                .trim()
+                .parse()
+                .map_err(|_| invalid("--cost", format!("{pair:?}: {cores:?} is not a number")))?;
+            set_cost(&mut settings, kind.trim(), cores)?;
+        }
+        settings.warm_pool = self.warm_pool.or(file.warm_pool).unwrap_or(0);
+        settings.min_replicas = self.min_replicas.or(file.min_replicas).unwrap_or(0);
+        settings.max_replicas = self.max_replicas.or(file.max_replicas).unwrap_or(100);
+        if settings.min_replicas > settings.max_replicas {
+            return Err(invalid(
+                "--max-replicas",
+                format!(
+                    "{} is below --min-replicas {}",
+                    settings.max_replicas, settings.min_replicas
+                ),
+            ));
+        }
+
+        let queue = self.queue.or(file.queue).unwrap_or_else(|| "default".to_owned());
+        let default_queue = queue
+            .parse::<QueueName>()
+            .map_err(|error| invalid("--queue", error.to_string()))?;
+
+        let livekit_url = self.livekit_url.or(file.livekit_url);
+        if let Some(url) = &livekit_url {
+            let scheme_ok = ["http://", "https://", "ws://", "wss://"]
+                .iter()
+                .any(|scheme| url.starts_with(scheme));
+            if !scheme_ok {
+                return Err(invalid(
+                    "--livekit-url",
+                    format!("{url:?} must start with http://, https://, ws:// or wss://"),
+                ));
+            }
+        }
+        let credentials = match (env.var("LIVEKIT_API_KEY"), env.var("LIVEKIT_API_SECRET")) {
+            (Some(key), Some(secret)) => Some(ApiCredentials { key, secret }),
+            (None, None) => None,
+            (Some(_), None) => {
+                return Err(invalid("LIVEKIT_API_SECRET", "is empty while LIVEKIT_API_KEY is set"));
+            }
+            (None, Some(_)) => {
+                return Err(invalid("LIVEKIT_API_KEY", "is empty while LIVEKIT_API_SECRET is set"));
+            }
+        };
+
+        Ok(ServeConfig {
+            redis_url,
+            grpc_listen,
+            http_listen,
+            fleet_source,
+            fleet_options,
+            settings,
+            default_queue,
+            livekit_url,
+            credentials,
+        })
+    }
+}
+
+fn read_file_config(path: &Path) -> Result<FileConfig, ConfigError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|error| invalid("--config", format!("cannot read {}: {error}", path.display())))?;
+    toml::from_str(&text)
+        .map_err(|error| invalid("--config", format!("{}: {}", path.display(), error.message())))
+}
+
+fn set_cost(settings: &mut Settings, kind: &str, cores: f64) -> Result<(), ConfigError> {
+    let kind: EgressKind = kind
+        .parse()
+        .map_err(|error: crate::model::UnknownKind| invalid("--cost", error.to_string()))?;
+    let millicores = cores_to_millicores(cores)
+        .ok_or_else(|| invalid("--cost", format!("{kind}={cores}: the cost must be a number of cores >= 0")))?;
+    settings.costs.set(kind, millicores);
+    Ok(())
+}
+
+fn positive_seconds(setting: &'static str, seconds: f64) -> Result<Duration, ConfigError> {
+    if seconds.is_finite() && seconds > 0.0 && seconds < 86_400.0 {
+        Ok(Duration::from_secs_f64(seconds))
+    } else {
+        Err(invalid(setting, format!("{seconds} is not a positive number of seconds")))
+    }
+}
+
+fn fleet_source(
+    egress_metrics: Vec<String>,
+    egress_dns: Option<String>,
+    prometheus_url: Option<String>,
+) -> Result<FleetSource, ConfigError> {
+    let chosen = usize::from(!egress_metrics.is_empty())
+        + usize::from(egress_dns.is_some())
+        + usize::from(prometheus_url.is_some());
+    if chosen > 1 {
+        return Err(invalid(
+            "--egress-metrics",
+            "choose one fleet source: --egress-metrics, --egress-dns or --prometheus-url",
+        ));
+    }
+    if !egress_metrics.is_empty() {
+        for url in &egress_metrics {
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                return Err(invalid(
+                    "--egress-metrics",
+                    format!("{url:?} must be an http:// or https:// URL"),
+                ));
+            }
+        }
+        return Ok(FleetSource::Static(egress_metrics));
+    }
+    if let Some(target) = egress_dns {
+        let (host, port) = target
+            .rsplit_once(':')
+            .ok_or_else(|| invalid("--egress-dns", format!("{target:?} is not HOST:PORT")))?;
+        let port: u16 = port
+            .parse()
+            .ok()
+            .filter(|port| *port > 0)
+            .ok_or_else(|| invalid("--egress-dns", format!("{target:?}: {port:?} is not a port")))?;
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        if host.is_empty() {
+            return Err(invalid("--egress-dns", format!("{target:?} has no host")));
+        }
+        return Ok(FleetSource::Dns {
+            host: host.to_owned(),
+            port,
+        });
+    }
+    if let Some(url) = prometheus_url {
+        if !(url.starts_with("http://") || url.starts_with("https://")) {
+            return Err(invalid(
+                "--prometheus-url",
+                format!("{url:?} must be an http:// or https:// URL"),
+            ));
+        }
+        return Ok(FleetSource::Prometheus { url });
+    }
+    Ok(FleetSource::None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    struct FakeEnvironment(HashMap<&'static str, &'static str>);
+
+    impl Environment for FakeEnvironment {
+        fn var(&self, name: &str) -> Option<String> {
+            self.0.get(name).map(|value| value.to_string())
+        }
+    }
+
+    fn resolve(args: &[&str], env: &[(&'static str, &'static str)]) -> Result<ServeConfig, ConfigError> {
+        let cli = Cli::try_parse_from(
+            ["egress-scaler", "serve"].iter().chain(args.iter()).copied(),
+        )
+        .expect("flags parse");
+        let Command::Serve(serve) = cli.command else {
+            panic!("not serve")
+        };
+        serve.resolve(&FakeEnvironment(env.iter().copied().collect()))
+    }
+
+    #[test]
+    fn defaults_follow_the_design() {
+        let config = resolve(&[], &[]).unwrap();
+        assert_eq!(config.redis_url, "redis://127.0.0.1:6379");
+        assert_eq!(config.grpc_listen.to_string(), "0.0.0.0:9090");
+        assert_eq!(config.http_listen.to_string(), "0.0.0.0:8080");
+        assert_eq!(config.settings, Settings::default());
+        assert_eq!(config.default_queue.as_str(), "default");
+        assert!(matches!(config.fleet_source, FleetSource::None));
+        assert!(config.credentials.is_none());
+    }
+
+    #[test]
+    fn cost_overrides_and_clamps_apply() {
+        let config = resolve(
+            &["--cost", "track=0.25", "--cost", "web=2", "--warm-pool", "2", "--pod-cpu", "8"],
+            &[("REDIS_URL", "redis://10.0.0.1:6380")],
+        )
+        .unwrap();
+        assert_eq!(config.settings.costs.cost(EgressKind::Track), 250);
+        assert_eq!(config.settings.costs.cost(EgressKind::Web), 2000);
+        assert_eq!(config.settings.warm_pool, 2);
+        assert_eq!(config.settings.pod_cpu, 8000);
+        assert_eq!(config.redis_url, "redis://10.0.0.1:6380");
+    }
+
+    #[test]
+    fn bad_values_name_their_setting() {
+        let cases: [(&[&str], &str); 7] = [
+            (&["--cost", "video=4"], "--cost"),
+            (&["--cost", "track"], "--cost"),
+            (&["--max-cpu-utilization", "1.5"], "--max-cpu-utilization"),
+            (&["--min-replicas", "5", "--max-replicas", "2"], "--max-replicas"),
+            (&["--queue", "a b"], "--queue"),
+            (&["--redis-url", "http://x"], "--redis-url"),
+            (&["--egress-dns", "egress"], "--egress-dns"),
+        ];
+        for (args, setting) in cases {
+            let error = resolve(args, &[]).unwrap_err();
+            assert_eq!(error.setting, setting, "{args:?}: {error}");
+        }
+    }
+
+    #[test]
+    fn one_fleet_source_at_a_time() {
+        let error = resolve(
+            &["--egress-metrics", "http://a/metrics", "--prometheus-url", "http://p:9090"],
+            &[],
+        )
+        .unwrap_err();
+        assert!(error.to_string().contains("choose one fleet source"));
+        let config = resolve(&["--egress-dns", "egress.ns.svc:9100"], &[]).unwrap();
+        assert!(matches!(config.fleet_source, FleetSource::Dns { ref host, port: 9100 } if host == "egress.ns.svc"));
+    }
+
+    #[test]
+    fn half_the_credentials_is_an_error() {
+        let error = resolve(&[], &[("LIVEKIT_API_KEY", "key")]).unwrap_err();
+        assert_eq!(error.setting, "LIVEKIT_API_SECRET");
+        let config = resolve(&[], &[("LIVEKIT_API_KEY", "key"), ("LIVEKIT_API_SECRET", "s")]).unwrap();
+        assert!(!format!("{:?}", config.credentials).contains("\"s\""));
+    }
+
+    #[test]
+    fn file_settings_are_below_flags() {
+        let dir = std::env::temp_dir().join(format!("egress-scaler-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("config.toml");
+        std::fs::write(&path, "warm_pool = 3\nmax_replicas = 7\nqueue = \"rec\"\n[cost]\ntrack = 1.0\n").unwrap();
+        let path_str = path.to_str().unwrap();
+        let config = resolve(&["--config", path_str, "--max-replicas", "9"], &[]).unwrap();
+        assert_eq!(config.settings.warm_pool, 3);
+        assert_eq!(config.settings.max_replicas, 9);
+        assert_eq!(config.default_queue.as_str(), "rec");
+        assert_eq!(config.settings.costs.cost(EgressKind::Track), 1000);
+        std::fs::write(&path, "warm_pol = 3\n").unwrap();
+        let error = resolve(&["--config", path_str], &[]).unwrap_err();
+        assert_eq!(error.setting, "--config");
+        assert!(error.reason.contains("warm_pol"), "{}", error.reason);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

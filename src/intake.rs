@@ -1,0 +1,508 @@
+//! The HTTP API of DESIGN.md 5: enqueue, ticket lookup, cancel, status, `/metrics`,
+//! `/healthz`, `/readyz`. Bodies are validated here into queue types; errors are JSON with a
+//! precise status and never carry internal error text.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, Path, Request, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use livekit_api::access_token::TokenVerifier;
+use prometheus_client::registry::Registry;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+use crate::config::ApiCredentials;
+use crate::egress_request::StartRequest;
+use crate::fleet::{Fleet, FleetView};
+use crate::model::{Decision, EgressKind, PodState, Settings, decide};
+use crate::queue::{
+    CancelOutcome, NewRequest, QueueError, QueueName, QueueStore, Ticket, TicketId, TicketState,
+};
+use crate::telemetry::{EnqueueLabels, EnqueueOutcome, Metrics};
+
+/// Largest accepted request body.
+pub const MAX_BODY_BYTES: usize = 64 * 1024;
+
+/// Everything the handlers share.
+#[derive(Clone)]
+pub struct AppState {
+    /// The queue.
+    pub store: QueueStore,
+    /// The fleet observer's view.
+    pub fleet: Fleet,
+    /// Process settings of the replica model.
+    pub settings: Settings,
+    /// Queue used when a request names none.
+    pub default_queue: QueueName,
+    /// Token verification, when credentials are configured.
+    pub verifier: Option<Arc<TokenVerifier>>,
+    /// Own metrics.
+    pub metrics: Arc<Metrics>,
+    /// The registry served on `/metrics`.
+    pub registry: Arc<Registry>,
+}
+
+impl AppState {
+    /// Builds the verifier from the API credentials, if any.
+    pub fn verifier_for(credentials: Option<&ApiCredentials>) -> Option<Arc<TokenVerifier>> {
+        credentials.map(|c| Arc::new(TokenVerifier::with_api_key(&c.key, &c.secret)))
+    }
+}
+
+/// The router.
+pub fn router(state: AppState) -> Router {
+    let api = Router::new()
+        .route("/v1/requests", axum::routing::post(enqueue))
+        .route("/v1/requests/{ticket}", get(get_ticket).delete(cancel_ticket))
+        .route("/v1/status", get(status))
+        .layer(middleware::from_fn_with_state(state.clone(), authenticate));
+    Router::new()
+        .merge(api)
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(ready))
+        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .with_state(state)
+}
+
+/// A JSON error answer: `{"error": code, "message": text}`.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+
+    fn bad_request(message: impl Into<String>) -> Self {
+        ApiError::new(StatusCode::BAD_REQUEST, "invalid_argument", message)
+    }
+}
+
+impl From<QueueError> for ApiError {
+    fn from(error: QueueError) -> Self {
+        tracing::warn!(%error, "Queue store call failed.");
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            "the queue store is unavailable; retry later",
+        )
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (
+            self.status,
+            Json(json!({ "error": self.code, "message": self.message })),
+        )
+            .into_response()
+    }
+}
+
+async fn authenticate(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    if let Some(verifier) = &state.verifier {
+        if let Err(error) = check_token(verifier, request.headers()) {
+            return error.into_response();
+        }
+    }
+    next.run(request).await
+}
+
+fn check_token(verifier: &TokenVerifier, headers: &HeaderMap) -> Result<(), ApiError> {
+    let unauthenticated = |message: &str| ApiError::new(StatusCode::UNAUTHORIZED, "unauthenticated", message);
+    let value = headers
+        .get(header::AUTHORIZATION)
+        .ok_or_else(|| unauthenticated("missing Authorization: Bearer <LiveKit access token>"))?;
+    let token = value
+        .to_str()
+        .ok()
+        .and_then(|value| value.strip_prefix("Bearer "))
+        .ok_or_else(|| unauthenticated("Authorization must be Bearer <LiveKit access token>"))?;
+    let claims = verifier
+        .verify(token.trim())
+        .map_err(|_| unauthenticated("the access token is invalid or expired"))?;
+    if !claims.video.room_record {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "permission_denied",
+            "the access token lacks the video.roomRecord grant",
+        ));
+    }
+    Ok(())
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn rfc3339(ms: u64) -> String {
+    chrono::DateTime::from_timestamp_millis(ms as i64)
+        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
+        .unwrap_or_default()
+}
+
+/// Body of `POST /v1/requests`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EnqueueBody {
+    kind: String,
+    room_name: String,
+    #[serde(default)]
+    request: Option<Value>,
+    #[serde(default)]
+    dedup_key: Option<String>,
+    #[serde(default)]
+    queue: Option<String>,
+}
+
+/// The body validated into queue types.
+struct ValidEnqueue {
+    queue: QueueName,
+    request: NewRequest,
+}
+
+fn validate_enqueue(body: Result<Bytes, BytesRejection>, default_queue: &QueueName) -> Result<ValidEnqueue, ApiError> {
+    let bytes = body.map_err(|rejection| {
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "payload_too_large",
+                format!("the body is larger than {MAX_BODY_BYTES} bytes"),
+            )
+        } else {
+            ApiError::bad_request("the body could not be read")
+        }
+    })?;
+    let body: EnqueueBody = serde_json::from_slice(&bytes)
+        .map_err(|error| ApiError::bad_request(format!("malformed JSON body: {error}")))?;
+    let kind: EgressKind = body
+        .kind
+        .parse()
+        .map_err(|error: crate::model::UnknownKind| ApiError::bad_request(error.to_string()))?;
+    let room_name = body.room_name.trim();
+    if room_name.is_empty() {
+        return Err(ApiError::bad_request("room_name must not be empty"));
+    }
+    if room_name.len() > 256 {
+        return Err(ApiError::bad_request("room_name is longer than 256 bytes"));
+    }
+    let queue = match body.queue.as_deref() {
+        None => default_queue.clone(),
+        Some(name) => name
+            .parse()
+            .map_err(|error: crate::queue::InvalidQueueName| ApiError::bad_request(error.to_string()))?,
+    };
+    let dedup_key = match body.dedup_key {
+        Some(key) if key.trim().is_empty() => {
+            return Err(ApiError::bad_request("dedup_key must not be empty when given"));
+        }
+        Some(key) if key.len() > 512 => return Err(ApiError::bad_request("dedup_key is longer than 512 bytes")),
+        other => other,
+    };
+    let start = StartRequest::parse(kind, room_name, body.request)
+        .map_err(|error| ApiError::bad_request(error.to_string()))?;
+    Ok(ValidEnqueue {
+        queue,
+        request: NewRequest {
+            kind,
+            room_name: room_name.to_owned(),
+            request: Some(start.to_json()),
+            dedup_key,
+        },
+    })
+}
+
+#[derive(Serialize)]
+struct EnqueueAnswer {
+    ticket: TicketId,
+    state: TicketState,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    position: Option<u64>,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    duplicate: bool,
+}
+
+async fn enqueue(State(state): State<AppState>, body: Result<Bytes, BytesRejection>) -> Response {
+    let count = |outcome| {
+        state
+            .metrics
+            .enqueue_requests
+            .get_or_create(&EnqueueLabels { outcome })
+            .inc();
+    };
+    let valid = match validate_enqueue(body, &state.default_queue) {
+        Ok(valid) => valid,
+        Err(error) => {
+            count(EnqueueOutcome::rejected);
+            return error.into_response();
+        }
+    };
+    match state.store.enqueue(&valid.queue, valid.request, now_ms()).await {
+        Ok(enqueued) => {
+            let status = if enqueued.duplicate {
+                count(EnqueueOutcome::duplicate);
+                StatusCode::OK
+            } else {
+                count(EnqueueOutcome::accepted);
+                tracing::info!(ticket = %enqueued.ticket, position = ?enqueued.position, "Request queued.");
+                StatusCode::ACCEPTED
+            };
+            let answer = EnqueueAnswer {
+                ticket: enqueued.ticket,
+                state: enqueued.state,
+                position: enqueued.position,
+                duplicate: enqueued.duplicate,
+            };
+            (status, Json(answer)).into_response()
+        }
+        Err(error) => {
+            count(EnqueueOutcome::unavailable);
+            ApiError::from(error).into_response()
+        }
+    }
+}
+
+fn parse_ticket(raw: &str) -> Result<TicketId, ApiError> {
+    raw.parse()
+        .map_err(|_| ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such ticket"))
+}
+
+#[derive(Serialize)]
+struct TicketAnswer {
+    ticket: TicketId,
+    state: TicketState,
+    kind: EgressKind,
+    room_name: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    position: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    egress_id: Option<String>,
+    enqueued_at: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    started_at: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ended_at: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
+}
+
+impl TicketAnswer {
+    fn new(ticket: Ticket, position: Option<u64>) -> Self {
+        TicketAnswer {
+            ticket: ticket.id,
+            state: ticket.state,
+            kind: ticket.kind,
+            room_name: ticket.room_name,
+            position,
+            egress_id: ticket.egress_id,
+            enqueued_at: rfc3339(ticket.enqueued_at_ms),
+            started_at: ticket.started_at_ms.map(rfc3339),
+            ended_at: ticket.ended_at_ms.map(rfc3339),
+            error: ticket.error,
+        }
+    }
+}
+
+async fn get_ticket(State(state): State<AppState>, Path(raw): Path<String>) -> Result<Json<TicketAnswer>, ApiError> {
+    let id = parse_ticket(&raw)?;
+    let ticket = state
+        .store
+        .get(&id)
+        .await?
+        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such ticket"))?;
+    let position = if ticket.state == TicketState::Queued {
+        state.store.position(&id).await?
+    } else {
+        None
+    };
+    Ok(Json(TicketAnswer::new(ticket, position)))
+}
+
+async fn cancel_ticket(State(state): State<AppState>, Path(raw): Path<String>) -> Result<Json<Value>, ApiError> {
+    let id = parse_ticket(&raw)?;
+    match state.store.cancel(&id, now_ms()).await? {
+        CancelOutcome::Cancelled => {
+            tracing::info!(ticket = %id, "Request cancelled.");
+            Ok(Json(json!({ "ticket": id, "state": TicketState::Cancelled })))
+        }
+        CancelOutcome::NotFound => Err(ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such ticket")),
+        CancelOutcome::NotQueued(current) => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "failed_precondition",
+            format!("the ticket is {} and can no longer be cancelled", current.as_str()),
+        )),
+    }
+}
+
+/// One queue in `GET /v1/status`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct QueueStatus {
+    /// Queue name.
+    pub queue: String,
+    /// Tickets waiting (the pending set).
+    pub depth: u64,
+    /// Waiting tickets by kind.
+    pub queued_by_kind: BTreeMap<String, u64>,
+    /// Tickets not yet started (queued or being dispatched) by kind: the demand.
+    pub demand_by_kind: BTreeMap<String, u64>,
+    /// Seconds the oldest queued ticket has waited.
+    pub oldest_wait_seconds: Option<f64>,
+    /// Tickets being started right now.
+    pub dispatching: u64,
+    /// Tickets recording.
+    pub active: u64,
+    /// Failed tickets kept for inspection.
+    pub dead_letters: u64,
+    /// Desired replicas with the process settings, when the fleet is known.
+    pub desired_replicas: Option<u32>,
+    /// Why that many.
+    pub reasons: Vec<String>,
+    /// The decision in numbers.
+    pub decision: Option<Value>,
+}
+
+/// The fleet in `GET /v1/status`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct FleetStatus {
+    /// False when the source fails or the snapshot is stale.
+    pub healthy: bool,
+    /// Why it is not healthy.
+    pub error: Option<String>,
+    /// Age of the snapshot.
+    pub snapshot_age_seconds: f64,
+    /// Pods by state.
+    pub pods_by_state: BTreeMap<String, u64>,
+    /// Free CPU of the ready pods, cores.
+    pub free_cpu_cores: f64,
+    /// Every pod.
+    pub pods: Vec<Value>,
+}
+
+/// `GET /v1/status`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct StatusAnswer {
+    /// Queues known to Redis (and the default queue).
+    pub queues: Vec<QueueStatus>,
+    /// The egress fleet.
+    pub fleet: FleetStatus,
+}
+
+fn to_names(demand: &crate::model::Demand) -> BTreeMap<String, u64> {
+    demand.iter().map(|(kind, count)| (kind.as_str().to_owned(), count)).collect()
+}
+
+fn fleet_status(fleet: &Fleet) -> (FleetStatus, Option<Arc<FleetView>>) {
+    let (view, error) = match fleet.current() {
+        Ok(view) => (view, None),
+        Err(error) => (fleet.view(), Some(error.to_string())),
+    };
+    let mut pods_by_state: BTreeMap<String, u64> =
+        PodState::ALL.iter().map(|state| (state.as_str().to_owned(), 0)).collect();
+    let mut free = 0.0;
+    for pod in &view.pods {
+        *pods_by_state.entry(pod.state.as_str().to_owned()).or_default() += 1;
+        if pod.state == PodState::Ready {
+            free += pod.free_cpu_cores.max(0.0);
+        }
+    }
+    let status = FleetStatus {
+        healthy: error.is_none(),
+        error: error.clone(),
+        snapshot_age_seconds: view.age().as_secs_f64(),
+        pods_by_state,
+        free_cpu_cores: free,
+        pods: view
+            .pods
+            .iter()
+            .map(|pod| serde_json::to_value(pod).unwrap_or(Value::Null))
+            .collect(),
+    };
+    (status, error.is_none().then_some(view))
+}
+
+/// Builds the status of every known queue.
+pub async fn build_status(state: &AppState) -> Result<StatusAnswer, QueueError> {
+    let mut queues = state.store.queues().await?;
+    if !queues.contains(&state.default_queue) {
+        queues.push(state.default_queue.clone());
+    }
+    queues.sort();
+    let (fleet, view) = fleet_status(&state.fleet);
+    let now = now_ms();
+    let mut answer = Vec::with_capacity(queues.len());
+    for queue in queues {
+        let stats = state.store.stats(&queue).await?;
+        state.metrics.record_queue(&queue, &stats, now);
+        let decision: Option<Decision> = view
+            .as_ref()
+            .map(|view| decide(&state.settings, &stats.demand, &view.snapshot()));
+        let reasons = match &decision {
+            Some(decision) => decision.reasons(&state.settings),
+            None => vec![format!(
+                "no decision: {}",
+                fleet.error.clone().unwrap_or_default()
+            )],
+        };
+        answer.push(QueueStatus {
+            queue: queue.to_string(),
+            depth: stats.depth,
+            queued_by_kind: to_names(&stats.queued),
+            demand_by_kind: to_names(&stats.demand),
+            oldest_wait_seconds: stats
+                .oldest_enqueued_at_ms
+                .map(|at| now.saturating_sub(at) as f64 / 1000.0),
+            dispatching: stats.dispatching,
+            active: stats.active,
+            dead_letters: stats.dead_letters,
+            desired_replicas: decision.as_ref().map(|d| d.desired),
+            reasons,
+            decision: decision.as_ref().and_then(|d| serde_json::to_value(d).ok()),
+        });
+    }
+    Ok(StatusAnswer { queues: answer, fleet })
+}
+
+async fn status(State(state): State<AppState>) -> Result<Json<StatusAnswer>, ApiError> {
+    Ok(Json(build_status(&state).await?))
+}
+
+async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        crate::telemetry::encode(&state.registry),
+    )
+}
+
+async fn ready(State(state): State<AppState>) -> Response {
+    match state.store.ping().await {
+        Ok(()) => (StatusCode::OK, "ready\n").into_response(),
+        Err(error) => {
+            tracing::warn!(%error, "Not ready: Redis does not answer.");
+            ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "redis does not answer").into_response()
+        }
+    }
+}

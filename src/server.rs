@@ -1,0 +1,231 @@
+//! `serve`: wires the queue, fleet observer, KEDA gRPC service and HTTP API together, and
+//! drains them when the shutdown token is cancelled.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+use tokio::sync::broadcast;
+use tokio::task::JoinSet;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::ServeConfig;
+use crate::fleet::{Fleet, FleetMetrics, FleetObserver, FleetSource};
+use crate::intake::{self, AppState};
+use crate::queue::{self, QueueStore, StoreOptions};
+use crate::scaler::proto::external_scaler_server::ExternalScalerServer;
+use crate::scaler::{Evaluator, ScalerService};
+use crate::telemetry::Metrics;
+
+/// How long in-flight work may take to finish after shutdown is requested.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// A started server: its bound addresses and the tasks it owns.
+pub struct Running {
+    /// Where the KEDA gRPC service listens.
+    pub grpc_addr: SocketAddr,
+    /// Where the HTTP API listens.
+    pub http_addr: SocketAddr,
+    tasks: JoinSet<anyhow::Result<()>>,
+    shutdown: CancellationToken,
+}
+
+impl Running {
+    /// Waits until every task has ended (after `shutdown`), giving up after [`SHUTDOWN_GRACE`].
+    pub async fn wait(mut self) -> anyhow::Result<()> {
+        let mut first_error = None;
+        loop {
+            let next = if self.shutdown.is_cancelled() {
+                match tokio::time::timeout(SHUTDOWN_GRACE, self.tasks.join_next()).await {
+                    Ok(next) => next,
+                    Err(_) => {
+                        tracing::warn!("Tasks did not finish within the shutdown grace; aborting them.");
+                        self.tasks.abort_all();
+                        break;
+                    }
+                }
+            } else {
+                tokio::select! {
+                    next = self.tasks.join_next() => next,
+                    _ = self.shutdown.cancelled() => continue,
+                }
+            };
+            match next {
+                None => break,
+                Some(Ok(Ok(()))) => {}
+                Some(Ok(Err(error))) => {
+                    tracing::error!(error = %format!("{error:#}"), "A server task failed; shutting down.");
+                    self.shutdown.cancel();
+                    first_error.get_or_insert(error);
+                }
+                Some(Err(join_error)) => {
+                    self.shutdown.cancel();
+                    first_error.get_or_insert(anyhow::anyhow!("a server task panicked: {join_error}"));
+                }
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+}
+
+/// Connects to Redis, retrying until it answers or shutdown is requested.
+async fn connect_store(url: &str, shutdown: &CancellationToken) -> anyhow::Result<Option<QueueStore>> {
+    let mut delay = Duration::from_millis(200);
+    loop {
+        match QueueStore::connect(url, StoreOptions::default()).await {
+            Ok(store) => return Ok(Some(store)),
+            Err(error) => {
+                tracing::warn!(%error, retry_in_ms = delay.as_millis() as u64, "Redis is not reachable yet.");
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(None),
+            _ = tokio::time::sleep(delay) => {}
+        }
+        delay = (delay * 2).min(Duration::from_secs(5));
+    }
+}
+
+/// Starts every component; they stop when `shutdown` is cancelled.
+pub async fn start(config: ServeConfig, shutdown: CancellationToken) -> anyhow::Result<Running> {
+    let grpc_listener = TcpListener::bind(config.grpc_listen)
+        .await
+        .with_context(|| format!("cannot listen on --grpc-listen {}", config.grpc_listen))?;
+    let http_listener = TcpListener::bind(config.http_listen)
+        .await
+        .with_context(|| format!("cannot listen on --http-listen {}", config.http_listen))?;
+    let grpc_addr = grpc_listener.local_addr()?;
+    let http_addr = http_listener.local_addr()?;
+
+    let store = connect_store(&config.redis_url, &shutdown)
+        .await?
+        .context("shutdown requested before Redis answered")?;
+
+    let mut registry = Registry::default();
+    let metrics = Metrics::new(&mut registry);
+    let fleet_metrics = FleetMetrics::new(&mut registry);
+    let registry = Arc::new(registry);
+
+    let mut tasks = JoinSet::new();
+
+    let fleet = match config.fleet_source {
+        FleetSource::None => Fleet::none(),
+        source => {
+            let (observer, fleet) = FleetObserver::new(
+                source,
+                config.fleet_options.clone(),
+                config.settings.clone(),
+                fleet_metrics,
+            )
+            .context("cannot set up the fleet observer")?;
+            let token = shutdown.clone();
+            tasks.spawn(async move {
+                observer.run(token).await;
+                Ok(())
+            });
+            fleet
+        }
+    };
+
+    let (events, _) = broadcast::channel(1024);
+    {
+        let client = store.client().clone();
+        let events = events.clone();
+        let token = shutdown.clone();
+        tasks.spawn(async move {
+            queue::run_event_listener(client, events, token).await;
+            Ok(())
+        });
+    }
+
+    let evaluator = Evaluator::new(store.clone(), fleet.clone(), Arc::clone(&metrics));
+    let scaler = ScalerService::new(
+        evaluator,
+        config.default_queue.clone(),
+        config.settings.clone(),
+        events,
+        Arc::clone(&metrics),
+        shutdown.clone(),
+    );
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_serving::<ExternalScalerServer<ScalerService>>()
+        .await;
+    {
+        let token = shutdown.clone();
+        tasks.spawn(async move {
+            let drained = token.clone();
+            tonic::transport::Server::builder()
+                .add_service(health_service)
+                .add_service(ExternalScalerServer::new(scaler))
+                .serve_with_incoming_shutdown(TcpListenerStream::new(grpc_listener), async move {
+                    drained.cancelled().await;
+                    health
+                        .set_not_serving::<ExternalScalerServer<ScalerService>>()
+                        .await;
+                })
+                .await
+                .context("gRPC server failed")
+        });
+    }
+
+    let state = AppState {
+        store,
+        fleet,
+        settings: config.settings.clone(),
+        default_queue: config.default_queue.clone(),
+        verifier: AppState::verifier_for(config.credentials.as_ref()),
+        metrics,
+        registry,
+    };
+    {
+        let token = shutdown.clone();
+        tasks.spawn(async move {
+            axum::serve(http_listener, intake::router(state))
+                .with_graceful_shutdown(token.cancelled_owned())
+                .await
+                .context("HTTP server failed")
+        });
+    }
+
+    tracing::info!(
+        grpc = %grpc_addr,
+        http = %http_addr,
+        queue = %config.default_queue,
+        dispatcher = config.livekit_url.is_some(),
+        "egress-scaler is serving."
+    );
+    Ok(Running {
+        grpc_addr,
+        http_addr,
+        tasks,
+        shutdown,
+    })
+}
+
+/// Runs `serve` until `shutdown` is cancelled and everything has drained.
+pub async fn serve(config: ServeConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
+    start(config, shutdown).await?.wait().await
+}
+
+/// Cancels `shutdown` on SIGTERM or SIGINT.
+pub async fn cancel_on_signal(shutdown: CancellationToken) {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received; draining."),
+        _ = terminate => tracing::info!("SIGTERM received; draining."),
+        _ = shutdown.cancelled() => return,
+    }
+    shutdown.cancel();
+}
