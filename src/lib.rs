@@ -10,6 +10,7 @@
 //! - [`scaler`]: the KEDA external scaler gRPC service over the model.
 //! - [`telemetry`]: the metrics registry and logging.
 //! - [`server`]: `serve`, wiring the above with one shutdown token.
+//! - [`redis_server`]: a real `redis-server` child process for tests, benchmarks and the demo.
 //! - [`cli`]: the subcommands, `enqueue` and `status` as clients of the HTTP API.
 #![forbid(unsafe_code)]
 
@@ -20,6 +21,7 @@ pub mod fleet;
 pub mod intake;
 pub mod model;
 pub mod queue;
+pub mod redis_server;
 pub mod scaler;
 pub mod server;
 pub mod telemetry;

@@ -1,12 +1,62 @@
 //! The durable FIFO queue of egress requests in Redis (DESIGN.md 5), with de-duplication.
 //!
-//! Every multi-key change is one Lua script, and every key of queue `q` starts with
+//! Every change is one Lua script (`src/queue/*.lua`) that checks the ticket's current state
+//! first and changes nothing when the state is wrong, and every key of queue `q` starts with
 //! `egress-scaler:{q}:` so that all of them live in one Redis Cluster slot.
+//!
+//! # Redis keys
+//!
+//! | key | type | meaning |
+//! |---|---|---|
+//! | `egress-scaler:queues` | SET | names of the queues ever enqueued to |
+//! | `egress-scaler:{q}:pending` | ZSET | queued ticket ids scored by their enqueue sequence number: the FIFO. `ZCARD` is the depth (KEDA's own redis scaler can read it) |
+//! | `egress-scaler:{q}:seq` | STRING | the enqueue sequence counter (`INCR`) |
+//! | `egress-scaler:{q}:ticket:<id>` | HASH | one ticket (fields below); expires `finished_ttl` after it ends, fails or is cancelled |
+//! | `egress-scaler:{q}:dedup` | HASH | dedup key -> id of the queued, dispatching or active ticket holding it |
+//! | `egress-scaler:{q}:demand` | HASH | kind -> tickets not started yet (queued + dispatching); the only key `GetMetrics` reads |
+//! | `egress-scaler:{q}:queued` | HASH | kind -> queued tickets |
+//! | `egress-scaler:{q}:dispatching` | ZSET | ids of tickets being started, scored by claim time |
+//! | `egress-scaler:{q}:active` | ZSET | ids of recording tickets, scored by start time |
+//! | `egress-scaler:{q}:dead` | ZSET | ids of failed tickets (dead letters), scored by failure time; the newest 10,000, none older than `finished_ttl` |
+//! | `egress-scaler:{q}:egress` | HASH | LiveKit egress id -> id of its active ticket |
+//! | `egress-scaler:{q}:room:<room name>` | SET | ids of the queued tickets of one room |
+//! | `egress-scaler:{q}:events` | pub/sub channel | the queue name is published on every change |
+//!
+//! Ticket hash fields: `state`, `kind`, `room`, `request` (optional, the LiveKit request
+//! verbatim), `dedup`, `seq` (enqueue sequence number), `enqueued_at`; `attempt` and
+//! `dispatching_at` while dispatching; `egress_id` and `started_at` once active; `ended_at`
+//! once finished; `error` when failed. Times are milliseconds since the Unix epoch, given by
+//! the caller. The counter hashes hold non-zero kinds only: a missing kind counts zero.
+//!
+//! # Ticket states
+//!
+//! | operation | from | to |
+//! |---|---|---|
+//! | `enqueue` | (new) | queued, at the tail |
+//! | `claim` | queued | dispatching, with an attempt id |
+//! | `requeue` | dispatching, by the same attempt | queued, at its original place |
+//! | `mark_started` | queued, dispatching | active |
+//! | `mark_failed` | queued, dispatching | failed (dead letter) |
+//! | `mark_ended` | active, dispatching | ended |
+//! | `cancel` | queued | cancelled |
+//!
+//! A ticket holds its dedup key (`<kind>:<room name>` unless the caller gives one) until it
+//! ends, fails or is cancelled; enqueueing again meanwhile returns the holder.
 
+use std::collections::HashMap;
 use std::fmt;
+use std::future::Future;
+use std::io;
 use std::str::FromStr;
+use std::sync::{Arc, LazyLock, Mutex, PoisonError};
+use std::time::Duration;
 
+use futures::StreamExt;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{FromRedisValue, Script, ScriptInvocation, Value};
 use serde::{Deserialize, Serialize};
+use tokio::sync::broadcast;
+use tokio_util::sync::CancellationToken;
 
 use crate::model::{Demand, EgressKind};
 
@@ -26,7 +76,8 @@ impl FromStr for QueueName {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let valid = !s.is_empty()
             && s.len() <= 64
-            && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
         if valid {
             Ok(QueueName(s.to_owned()))
         } else {
@@ -50,5 +101,1100 @@ impl QueueName {
 impl fmt::Display for QueueName {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)
+    }
+}
+
+/// The set of every queue name ever enqueued to; outside any queue's hash tag.
+const QUEUES_KEY: &str = "egress-scaler:queues";
+/// Matches the [`events_channel`] of every queue.
+const EVENTS_PATTERN: &str = "egress-scaler:*:events";
+/// How many dead letters a queue keeps at most (the newest).
+const DEAD_LETTERS_KEPT: u64 = 10_000;
+
+/// Identifies one request: `<queue>.<32 lowercase hex digits of a random UUID v4>`, so the
+/// queue, and with it every key, is found from the id alone.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct TicketId(String);
+
+/// The text is not `<queue>.<32 lowercase hex digits>`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid ticket id {0:?}: expected <queue name>.<32 lowercase hex digits>")]
+pub struct InvalidTicketId(pub String);
+
+impl TicketId {
+    /// A new random id in `queue`.
+    pub fn generate(queue: &QueueName) -> Self {
+        TicketId(format!("{}.{}", queue, uuid::Uuid::new_v4().simple()))
+    }
+
+    /// The id as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The queue the ticket belongs to.
+    pub fn queue(&self) -> QueueName {
+        let (queue, _) = self.0.rsplit_once('.').expect("validated on creation");
+        QueueName(queue.to_owned())
+    }
+}
+
+impl FromStr for TicketId {
+    type Err = InvalidTicketId;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let valid = s.rsplit_once('.').is_some_and(|(queue, hex)| {
+            queue.parse::<QueueName>().is_ok()
+                && hex.len() == 32
+                && hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+        });
+        if valid {
+            Ok(TicketId(s.to_owned()))
+        } else {
+            Err(InvalidTicketId(s.to_owned()))
+        }
+    }
+}
+
+impl TryFrom<String> for TicketId {
+    type Error = InvalidTicketId;
+
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        s.parse()
+    }
+}
+
+impl From<TicketId> for String {
+    fn from(id: TicketId) -> Self {
+        id.0
+    }
+}
+
+impl fmt::Display for TicketId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Where a ticket is in its life (see the state diagram above).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TicketState {
+    Queued,
+    Dispatching,
+    Active,
+    Ended,
+    Failed,
+    Cancelled,
+}
+
+/// The text is not one of the ticket states.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "unknown ticket state {0:?} (expected one of queued, dispatching, active, ended, failed, cancelled)"
+)]
+pub struct UnknownTicketState(pub String);
+
+impl TicketState {
+    /// Every state, in life order.
+    pub const ALL: [TicketState; 6] = [
+        TicketState::Queued,
+        TicketState::Dispatching,
+        TicketState::Active,
+        TicketState::Ended,
+        TicketState::Failed,
+        TicketState::Cancelled,
+    ];
+
+    /// The snake_case name used in JSON and Redis.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TicketState::Queued => "queued",
+            TicketState::Dispatching => "dispatching",
+            TicketState::Active => "active",
+            TicketState::Ended => "ended",
+            TicketState::Failed => "failed",
+            TicketState::Cancelled => "cancelled",
+        }
+    }
+
+    /// Ended, failed or cancelled: the ticket no longer holds its dedup key and will expire.
+    pub fn is_finished(self) -> bool {
+        matches!(
+            self,
+            TicketState::Ended | TicketState::Failed | TicketState::Cancelled
+        )
+    }
+}
+
+impl FromStr for TicketState {
+    type Err = UnknownTicketState;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        TicketState::ALL
+            .into_iter()
+            .find(|state| state.as_str() == s)
+            .ok_or_else(|| UnknownTicketState(s.to_owned()))
+    }
+}
+
+impl fmt::Display for TicketState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A request to enqueue, validated by the caller.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewRequest {
+    /// What kind of egress it will start.
+    pub kind: EgressKind,
+    /// The LiveKit room to record.
+    pub room_name: String,
+    /// The LiveKit start request as JSON text, stored verbatim.
+    pub request: Option<String>,
+    /// De-duplication key; `<kind>:<room_name>` when absent.
+    pub dedup_key: Option<String>,
+}
+
+/// The answer to an enqueue: the new ticket, or the one already holding the dedup key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Enqueued {
+    /// The ticket created or found.
+    pub ticket: TicketId,
+    /// Its state (`queued` unless a duplicate of a ticket further along).
+    pub state: TicketState,
+    /// 0-based rank in the pending FIFO; `None` when the ticket is not queued.
+    pub position: Option<u64>,
+    /// True when an existing ticket was returned and nothing changed.
+    pub duplicate: bool,
+}
+
+/// Everything stored about one request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Ticket {
+    /// The ticket id.
+    pub id: TicketId,
+    /// Where it is in its life.
+    pub state: TicketState,
+    /// Egress kind.
+    pub kind: EgressKind,
+    /// LiveKit room.
+    pub room_name: String,
+    /// The LiveKit start request as JSON text, verbatim.
+    pub request: Option<String>,
+    /// The dedup key it holds (or held).
+    pub dedup_key: String,
+    /// LiveKit egress id once started.
+    pub egress_id: Option<String>,
+    /// Enqueue time, ms since the Unix epoch.
+    pub enqueued_at_ms: u64,
+    /// Start time, once active.
+    pub started_at_ms: Option<u64>,
+    /// End, failure or cancel time.
+    pub ended_at_ms: Option<u64>,
+    /// Why it failed.
+    pub error: Option<String>,
+    /// The current dispatch attempt, while dispatching.
+    pub attempt_id: Option<String>,
+    /// When the current dispatch attempt claimed it.
+    pub dispatching_at_ms: Option<u64>,
+}
+
+/// A summary of one queue, read without scanning it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct QueueStats {
+    /// Tickets in state queued, by kind.
+    pub queued: Demand,
+    /// Tickets not started yet (queued + dispatching), by kind.
+    pub demand: Demand,
+    /// Size of the pending FIFO (`ZCARD pending`).
+    pub depth: u64,
+    /// Enqueue time of the head of the FIFO.
+    pub oldest_enqueued_at_ms: Option<u64>,
+    /// Tickets being started.
+    pub dispatching: u64,
+    /// Tickets recording.
+    pub active: u64,
+    /// Dead letters kept.
+    pub dead_letters: u64,
+}
+
+/// What a cancel did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CancelOutcome {
+    /// The ticket was queued and is now cancelled.
+    Cancelled,
+    /// No such ticket (or it finished long enough ago to have expired).
+    NotFound,
+    /// The ticket is past queued; nothing changed.
+    NotQueued(TicketState),
+}
+
+/// Why a queue operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum QueueError {
+    /// Redis did not answer, or answered with an error.
+    #[error("redis is unavailable: {0}")]
+    Unavailable(#[from] redis::RedisError),
+    /// Redis answered with data this code did not write.
+    #[error("queue data is corrupt: {0}")]
+    Corrupt(String),
+}
+
+impl QueueError {
+    /// A bounded label for metrics.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            QueueError::Unavailable(_) => "unavailable",
+            QueueError::Corrupt(_) => "corrupt",
+        }
+    }
+}
+
+/// Connection and retention settings of a [`QueueStore`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoreOptions {
+    /// Limit on establishing one connection.
+    pub connect_timeout: Duration,
+    /// Limit on one answer once connected.
+    pub response_timeout: Duration,
+    /// How long ended, failed and cancelled tickets stay readable.
+    pub finished_ttl: Duration,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        StoreOptions {
+            connect_timeout: Duration::from_secs(1),
+            response_timeout: Duration::from_secs(1),
+            finished_ttl: Duration::from_secs(7 * 24 * 60 * 60),
+        }
+    }
+}
+
+/// The pub/sub channel a queue's changes are announced on.
+pub fn events_channel(queue: &QueueName) -> String {
+    format!("{}events", queue.key_prefix())
+}
+
+/// The queue named by a channel of [`events_channel`].
+fn queue_of_channel(channel: &str) -> Option<QueueName> {
+    channel
+        .strip_prefix("egress-scaler:{")?
+        .strip_suffix("}:events")?
+        .parse()
+        .ok()
+}
+
+/// Keys of one queue.
+struct Keys {
+    prefix: String,
+}
+
+impl Keys {
+    fn of(queue: &QueueName) -> Self {
+        Keys {
+            prefix: queue.key_prefix(),
+        }
+    }
+
+    fn key(&self, name: &str) -> String {
+        format!("{}{name}", self.prefix)
+    }
+
+    fn ticket(&self, ticket: &TicketId) -> String {
+        format!("{}ticket:{ticket}", self.prefix)
+    }
+
+    fn room(&self, room_name: &str) -> String {
+        format!("{}room:{room_name}", self.prefix)
+    }
+}
+
+/// A transition script: the shared prelude followed by the script's own body.
+macro_rules! transition_script {
+    ($file:literal) => {
+        LazyLock::new(|| {
+            Script::new(concat!(
+                include_str!("queue/prelude.lua"),
+                include_str!($file)
+            ))
+        })
+    };
+}
+
+static ENQUEUE: LazyLock<Script> = transition_script!("queue/enqueue.lua");
+static CLAIM: LazyLock<Script> = transition_script!("queue/claim.lua");
+static REQUEUE: LazyLock<Script> = transition_script!("queue/requeue.lua");
+static START: LazyLock<Script> = transition_script!("queue/start.lua");
+static FAIL: LazyLock<Script> = transition_script!("queue/fail.lua");
+static END: LazyLock<Script> = transition_script!("queue/end.lua");
+static CANCEL: LazyLock<Script> = transition_script!("queue/cancel.lua");
+static STATS: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("queue/stats.lua")));
+static RANGE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("queue/range.lua")));
+
+/// An invocation of a transition script on `ticket` with the keys and arguments of
+/// `queue/prelude.lua`; the caller appends the script's own arguments.
+fn transition<'a>(script: &'a Script, ticket: &TicketId) -> ScriptInvocation<'a> {
+    let queue = ticket.queue();
+    let keys = Keys::of(&queue);
+    let mut invocation = script.prepare_invoke();
+    invocation
+        .key(keys.ticket(ticket))
+        .key(keys.key("pending"))
+        .key(keys.key("dispatching"))
+        .key(keys.key("active"))
+        .key(keys.key("dead"))
+        .key(keys.key("demand"))
+        .key(keys.key("queued"))
+        .key(keys.key("dedup"))
+        .key(keys.key("egress"))
+        .key(keys.key("seq"))
+        .arg(&keys.prefix)
+        .arg(ticket.as_str())
+        .arg(events_channel(&queue))
+        .arg(queue.as_str());
+    invocation
+}
+
+/// The queue in Redis. Cheap to clone: clones share one multiplexed connection, which
+/// reconnects by itself after Redis comes back.
+#[derive(Debug, Clone)]
+pub struct QueueStore {
+    client: redis::Client,
+    config: ConnectionManagerConfig,
+    connection: Arc<Mutex<Connection>>,
+    finished_ttl: Duration,
+    /// Bound on every call, waiting for a (re)connection included.
+    call_timeout: Duration,
+}
+
+/// The connection in use, and how many times it was replaced before.
+#[derive(Debug, Clone)]
+struct Connection {
+    manager: ConnectionManager,
+    generation: u64,
+}
+
+impl QueueStore {
+    /// Connects to `url`; fails when Redis does not answer now. Once built, the store
+    /// reconnects by itself, and while Redis is away every call fails within about
+    /// `connect_timeout + response_timeout` instead of waiting.
+    pub async fn connect(url: &str, options: StoreOptions) -> Result<Self, QueueError> {
+        let client = redis::Client::open(url)?;
+        // Few quick reconnection attempts: a caller waiting on a reconnection gets its
+        // answer soon, and the next call starts a new attempt anyway.
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(options.connect_timeout))
+            .set_response_timeout(Some(options.response_timeout))
+            .set_number_of_retries(2)
+            .set_min_delay(Duration::from_millis(50))
+            .set_max_delay(Duration::from_millis(200));
+        let call_timeout = options.connect_timeout + options.response_timeout;
+        let manager = match tokio::time::timeout(
+            call_timeout,
+            client.get_connection_manager_with_config(config.clone()),
+        )
+        .await
+        {
+            Ok(manager) => manager?,
+            Err(_) => return Err(timed_out(call_timeout)),
+        };
+        Ok(QueueStore {
+            client,
+            config,
+            connection: Arc::new(Mutex::new(Connection {
+                manager,
+                generation: 0,
+            })),
+            finished_ttl: options.finished_ttl,
+            call_timeout,
+        })
+    }
+
+    /// The client, for connections of other kinds (pub/sub, leases).
+    pub fn client(&self) -> &redis::Client {
+        &self.client
+    }
+
+    /// Checks that Redis answers.
+    pub async fn ping(&self) -> Result<(), QueueError> {
+        self.query(&redis::cmd("PING")).await.map(drop)
+    }
+
+    /// Enqueues `request` at the tail of `queue`, or returns the ticket holding its dedup key.
+    pub async fn enqueue(
+        &self,
+        queue: &QueueName,
+        request: NewRequest,
+        now_ms: u64,
+    ) -> Result<Enqueued, QueueError> {
+        let ticket = TicketId::generate(queue);
+        let dedup_key = request
+            .dedup_key
+            .unwrap_or_else(|| format!("{}:{}", request.kind, request.room_name));
+        // A separate command: the set of queues is outside this queue's cluster slot.
+        self.query(redis::cmd("SADD").arg(QUEUES_KEY).arg(queue.as_str()))
+            .await?;
+        let mut invocation = transition(&ENQUEUE, &ticket);
+        invocation
+            .arg(request.kind.as_str())
+            .arg(&request.room_name)
+            .arg(&dedup_key)
+            .arg(now_ms);
+        match &request.request {
+            Some(text) => invocation.arg("1").arg(text),
+            None => invocation.arg("0").arg(""),
+        };
+        let (id, state, rank, duplicate): (String, String, i64, i64) =
+            decode(self.invoke(&invocation).await?, "enqueue reply")?;
+        Ok(Enqueued {
+            ticket: parse_ticket_id(id)?,
+            state: parse_state(&state)?,
+            position: u64::try_from(rank).ok(),
+            duplicate: duplicate == 1,
+        })
+    }
+
+    /// Tickets not started yet (queued + dispatching) by kind: one `HGETALL`.
+    pub async fn demand(&self, queue: &QueueName) -> Result<Demand, QueueError> {
+        let keys = Keys::of(queue);
+        let counts = self
+            .query(redis::cmd("HGETALL").arg(keys.key("demand")))
+            .await?;
+        parse_demand(decode(counts, "demand counters")?)
+    }
+
+    /// Counters, depth and the oldest wait of `queue`, in one script.
+    pub async fn stats(&self, queue: &QueueName) -> Result<QueueStats, QueueError> {
+        let keys = Keys::of(queue);
+        let mut invocation = STATS.prepare_invoke();
+        invocation
+            .key(keys.key("queued"))
+            .key(keys.key("demand"))
+            .key(keys.key("pending"))
+            .key(keys.key("dispatching"))
+            .key(keys.key("active"))
+            .key(keys.key("dead"))
+            .arg(&keys.prefix);
+        type Reply = (
+            HashMap<String, u64>,
+            HashMap<String, u64>,
+            u64,
+            i64,
+            u64,
+            u64,
+            u64,
+        );
+        let (queued, demand, depth, oldest, dispatching, active, dead_letters): Reply =
+            decode(self.invoke(&invocation).await?, "stats reply")?;
+        Ok(QueueStats {
+            queued: parse_demand(queued)?,
+            demand: parse_demand(demand)?,
+            depth,
+            oldest_enqueued_at_ms: u64::try_from(oldest).ok(),
+            dispatching,
+            active,
+            dead_letters,
+        })
+    }
+
+    /// The ticket, or `None` when unknown or expired.
+    pub async fn get(&self, ticket: &TicketId) -> Result<Option<Ticket>, QueueError> {
+        let keys = Keys::of(&ticket.queue());
+        let fields = self
+            .query(redis::cmd("HGETALL").arg(keys.ticket(ticket)))
+            .await?;
+        let fields: HashMap<String, String> = decode(fields, "ticket hash")?;
+        if fields.is_empty() {
+            return Ok(None);
+        }
+        parse_ticket(ticket.clone(), fields).map(Some)
+    }
+
+    /// 0-based rank of a queued ticket in the FIFO; `None` when not queued.
+    pub async fn position(&self, ticket: &TicketId) -> Result<Option<u64>, QueueError> {
+        let keys = Keys::of(&ticket.queue());
+        let rank = self
+            .query(
+                redis::cmd("ZRANK")
+                    .arg(keys.key("pending"))
+                    .arg(ticket.as_str()),
+            )
+            .await?;
+        decode(rank, "rank")
+    }
+
+    /// The head of the FIFO.
+    pub async fn peek(&self, queue: &QueueName) -> Result<Option<Ticket>, QueueError> {
+        Ok(self.peek_n(queue, 1).await?.into_iter().next())
+    }
+
+    /// The first `n` queued tickets, in FIFO order.
+    pub async fn peek_n(&self, queue: &QueueName, n: usize) -> Result<Vec<Ticket>, QueueError> {
+        self.range(queue, "pending", n, "asc").await
+    }
+
+    /// queued -> dispatching for `attempt_id`; the ticket as claimed, or `None` when it
+    /// was not queued.
+    pub async fn claim(
+        &self,
+        ticket: &TicketId,
+        attempt_id: &str,
+        now_ms: u64,
+    ) -> Result<Option<Ticket>, QueueError> {
+        let mut invocation = transition(&CLAIM, ticket);
+        invocation.arg(attempt_id).arg(now_ms);
+        let fields: HashMap<String, String> =
+            decode(self.invoke(&invocation).await?, "claim reply")?;
+        if fields.is_empty() {
+            return Ok(None);
+        }
+        parse_ticket(ticket.clone(), fields).map(Some)
+    }
+
+    /// dispatching (by `attempt_id`) -> queued, back at its original place in the FIFO.
+    pub async fn requeue(&self, ticket: &TicketId, attempt_id: &str) -> Result<bool, QueueError> {
+        let mut invocation = transition(&REQUEUE, ticket);
+        invocation.arg(attempt_id);
+        self.applied(&invocation).await
+    }
+
+    /// queued | dispatching -> active, recording `egress_id`.
+    pub async fn mark_started(
+        &self,
+        ticket: &TicketId,
+        egress_id: &str,
+        now_ms: u64,
+    ) -> Result<bool, QueueError> {
+        let mut invocation = transition(&START, ticket);
+        invocation.arg(egress_id).arg(now_ms);
+        self.applied(&invocation).await
+    }
+
+    /// queued | dispatching -> failed: frees the dedup key, keeps a dead letter.
+    pub async fn mark_failed(
+        &self,
+        ticket: &TicketId,
+        error: &str,
+        now_ms: u64,
+    ) -> Result<bool, QueueError> {
+        let ttl_ms = self.finished_ttl_ms();
+        let mut invocation = transition(&FAIL, ticket);
+        invocation
+            .arg(error)
+            .arg(now_ms)
+            .arg(ttl_ms)
+            .arg(now_ms.saturating_sub(ttl_ms))
+            .arg(DEAD_LETTERS_KEPT);
+        self.applied(&invocation).await
+    }
+
+    /// active | dispatching -> ended: frees the dedup key.
+    pub async fn mark_ended(&self, ticket: &TicketId, now_ms: u64) -> Result<bool, QueueError> {
+        let mut invocation = transition(&END, ticket);
+        invocation.arg(now_ms).arg(self.finished_ttl_ms());
+        self.applied(&invocation).await
+    }
+
+    /// queued -> cancelled: frees the dedup key.
+    pub async fn cancel(
+        &self,
+        ticket: &TicketId,
+        now_ms: u64,
+    ) -> Result<CancelOutcome, QueueError> {
+        let mut invocation = transition(&CANCEL, ticket);
+        invocation.arg(now_ms).arg(self.finished_ttl_ms());
+        let found: String = decode(self.invoke(&invocation).await?, "cancel reply")?;
+        Ok(match found.as_str() {
+            "" => CancelOutcome::NotFound,
+            "queued" => CancelOutcome::Cancelled,
+            state => CancelOutcome::NotQueued(parse_state(state)?),
+        })
+    }
+
+    /// The active ticket of a LiveKit egress.
+    pub async fn ticket_for_egress(
+        &self,
+        queue: &QueueName,
+        egress_id: &str,
+    ) -> Result<Option<TicketId>, QueueError> {
+        let keys = Keys::of(queue);
+        let id = self
+            .query(redis::cmd("HGET").arg(keys.key("egress")).arg(egress_id))
+            .await?;
+        let id: Option<String> = decode(id, "egress index")?;
+        id.map(parse_ticket_id).transpose()
+    }
+
+    /// Tickets being started, oldest claim first.
+    pub async fn dispatching(&self, queue: &QueueName) -> Result<Vec<TicketId>, QueueError> {
+        self.members(queue, "dispatching").await
+    }
+
+    /// Tickets recording, oldest start first.
+    pub async fn active(&self, queue: &QueueName) -> Result<Vec<TicketId>, QueueError> {
+        self.members(queue, "active").await
+    }
+
+    /// The newest `limit` failed tickets, newest first.
+    pub async fn dead_letters(
+        &self,
+        queue: &QueueName,
+        limit: usize,
+    ) -> Result<Vec<Ticket>, QueueError> {
+        self.range(queue, "dead", limit, "desc").await
+    }
+
+    /// The queued tickets of one room, in no particular order.
+    pub async fn queued_in_room(
+        &self,
+        queue: &QueueName,
+        room_name: &str,
+    ) -> Result<Vec<TicketId>, QueueError> {
+        let keys = Keys::of(queue);
+        let ids = self
+            .query(redis::cmd("SMEMBERS").arg(keys.room(room_name)))
+            .await?;
+        let ids: Vec<String> = decode(ids, "room index")?;
+        ids.into_iter().map(parse_ticket_id).collect()
+    }
+
+    /// Every queue ever enqueued to, sorted by name.
+    pub async fn queues(&self) -> Result<Vec<QueueName>, QueueError> {
+        let names = self.query(redis::cmd("SMEMBERS").arg(QUEUES_KEY)).await?;
+        let names: Vec<String> = decode(names, "queue set")?;
+        let mut queues = names
+            .into_iter()
+            .map(|name| {
+                name.parse::<QueueName>()
+                    .map_err(|error| QueueError::Corrupt(error.to_string()))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        queues.sort();
+        Ok(queues)
+    }
+
+    fn finished_ttl_ms(&self) -> u64 {
+        // PEXPIRE 0 would delete the ticket at once: keep it readable for at least 1 ms.
+        u64::try_from(self.finished_ttl.as_millis())
+            .unwrap_or(u64::MAX)
+            .max(1)
+    }
+
+    async fn members(&self, queue: &QueueName, set: &str) -> Result<Vec<TicketId>, QueueError> {
+        let keys = Keys::of(queue);
+        let ids = self
+            .query(redis::cmd("ZRANGE").arg(keys.key(set)).arg(0).arg(-1))
+            .await?;
+        let ids: Vec<String> = decode(ids, set)?;
+        ids.into_iter().map(parse_ticket_id).collect()
+    }
+
+    async fn range(
+        &self,
+        queue: &QueueName,
+        set: &str,
+        count: usize,
+        order: &str,
+    ) -> Result<Vec<Ticket>, QueueError> {
+        // ZRANGE 0 -1 would mean everything.
+        if count == 0 {
+            return Ok(Vec::new());
+        }
+        let keys = Keys::of(queue);
+        let mut invocation = RANGE.prepare_invoke();
+        invocation
+            .key(keys.key(set))
+            .arg(&keys.prefix)
+            .arg(count)
+            .arg(order);
+        let entries: Vec<(String, HashMap<String, String>)> =
+            decode(self.invoke(&invocation).await?, set)?;
+        entries
+            .into_iter()
+            .map(|(id, fields)| parse_ticket(parse_ticket_id(id)?, fields))
+            .collect()
+    }
+
+    async fn applied(&self, invocation: &ScriptInvocation<'_>) -> Result<bool, QueueError> {
+        let applied: i64 = decode(self.invoke(invocation).await?, "transition reply")?;
+        Ok(applied == 1)
+    }
+
+    async fn query(&self, command: &redis::Cmd) -> Result<Value, QueueError> {
+        self.call(|mut manager| async move { command.query_async(&mut manager).await })
+            .await
+    }
+
+    async fn invoke(&self, invocation: &ScriptInvocation<'_>) -> Result<Value, QueueError> {
+        self.call(|mut manager| async move { invocation.invoke_async(&mut manager).await })
+            .await
+    }
+
+    /// Runs one call on the current connection, bounded by `call_timeout`: while the
+    /// connection manager waits for Redis to come back, a call would otherwise wait with it.
+    async fn call<F, Fut>(&self, call: F) -> Result<Value, QueueError>
+    where
+        F: FnOnce(ConnectionManager) -> Fut,
+        Fut: Future<Output = redis::RedisResult<Value>>,
+    {
+        let Connection {
+            manager,
+            generation,
+        } = self.current_connection();
+        let result = match tokio::time::timeout(self.call_timeout, call(manager)).await {
+            Ok(result) => result,
+            Err(_) => Err(timed_out_redis(self.call_timeout)),
+        };
+        if let Err(error) = &result
+            && error.is_timeout()
+        {
+            self.replace_connection(generation);
+        }
+        Ok(result?)
+    }
+
+    fn current_connection(&self) -> Connection {
+        self.connection
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Swaps in a new connection after a timeout. The connection manager reconnects only
+    /// after errors that close the socket, and a connection whose peer vanished without a
+    /// word (a Redis pod gone with its IP) stays open, silent, for many minutes. Replaced
+    /// once per generation, however many calls timed out on it.
+    fn replace_connection(&self, generation: u64) {
+        let mut current = self
+            .connection
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if current.generation != generation {
+            return;
+        }
+        match ConnectionManager::new_lazy_with_config(self.client.clone(), self.config.clone()) {
+            Ok(manager) => {
+                *current = Connection {
+                    manager,
+                    generation: generation + 1,
+                };
+                tracing::warn!(
+                    timeout = ?self.call_timeout,
+                    "Redis did not answer in time; opening a new connection."
+                );
+            }
+            Err(error) => {
+                tracing::warn!(%error, "Could not open a new Redis connection.");
+            }
+        }
+    }
+}
+
+fn timed_out(after: Duration) -> QueueError {
+    QueueError::Unavailable(timed_out_redis(after))
+}
+
+fn decode<T: FromRedisValue>(value: Value, what: &str) -> Result<T, QueueError> {
+    redis::from_redis_value(value)
+        .map_err(|error| QueueError::Corrupt(format!("unexpected {what}: {error}")))
+}
+
+fn parse_ticket_id(id: String) -> Result<TicketId, QueueError> {
+    id.parse()
+        .map_err(|error: InvalidTicketId| QueueError::Corrupt(error.to_string()))
+}
+
+fn parse_state(state: &str) -> Result<TicketState, QueueError> {
+    state
+        .parse()
+        .map_err(|error: UnknownTicketState| QueueError::Corrupt(error.to_string()))
+}
+
+fn parse_demand(counts: HashMap<String, u64>) -> Result<Demand, QueueError> {
+    counts
+        .into_iter()
+        .map(|(kind, count)| {
+            kind.parse::<EgressKind>()
+                .map(|kind| (kind, count))
+                .map_err(|error| QueueError::Corrupt(error.to_string()))
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map(Demand::from_counts)
+}
+
+/// A ticket from the fields of its hash.
+fn parse_ticket(id: TicketId, mut fields: HashMap<String, String>) -> Result<Ticket, QueueError> {
+    let corrupt = |what: String| QueueError::Corrupt(format!("ticket {id}: {what}"));
+    let mut required = |name: &str| {
+        fields
+            .remove(name)
+            .ok_or_else(|| corrupt(format!("field {name:?} is missing")))
+    };
+    let state = required("state")?;
+    let kind = required("kind")?;
+    let room_name = required("room")?;
+    let dedup_key = required("dedup")?;
+    let enqueued_at = required("enqueued_at")?;
+    let number = |name: &str, text: String| {
+        text.parse::<u64>()
+            .map_err(|_| corrupt(format!("field {name:?} is not a number: {text:?}")))
+    };
+    let mut optional_number = |name: &str| {
+        fields
+            .remove(name)
+            .map(|text| number(name, text))
+            .transpose()
+    };
+    Ok(Ticket {
+        state: state
+            .parse()
+            .map_err(|error: UnknownTicketState| corrupt(error.to_string()))?,
+        kind: kind
+            .parse()
+            .map_err(|error: crate::model::UnknownKind| corrupt(error.to_string()))?,
+        room_name,
+        dedup_key,
+        enqueued_at_ms: number("enqueued_at", enqueued_at)?,
+        started_at_ms: optional_number("started_at")?,
+        ended_at_ms: optional_number("ended_at")?,
+        dispatching_at_ms: optional_number("dispatching_at")?,
+        request: fields.remove("request"),
+        egress_id: fields.remove("egress_id"),
+        error: fields.remove("error"),
+        attempt_id: fields.remove("attempt"),
+        id,
+    })
+}
+
+/// A notice from [`run_event_listener`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum QueueEvent {
+    /// Something changed in this queue.
+    Changed(QueueName),
+    /// The subscription was (re)established: changes may have been missed, so re-read
+    /// every queue.
+    Resync,
+}
+
+/// First wait before subscribing again; it doubles on each failure.
+const LISTENER_BACKOFF_FIRST: Duration = Duration::from_millis(100);
+/// Longest wait before subscribing again.
+const LISTENER_BACKOFF_LAST: Duration = Duration::from_secs(2);
+/// Limit on connecting and subscribing.
+const LISTENER_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// A silent subscription is checked this often, so a dead connection is noticed.
+const LISTENER_PING_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Subscribes to the events of every queue and forwards each as [`QueueEvent::Changed`];
+/// sends [`QueueEvent::Resync`] after every (re)subscription; resubscribes with backoff
+/// (100 ms doubling to 2 s) when Redis goes away; returns when `shutdown` is cancelled.
+pub async fn run_event_listener(
+    client: redis::Client,
+    events: broadcast::Sender<QueueEvent>,
+    shutdown: CancellationToken,
+) {
+    let mut backoff = LISTENER_BACKOFF_FIRST;
+    loop {
+        let session = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            session = listen(&client, &events) => session,
+        };
+        if session.subscribed {
+            backoff = LISTENER_BACKOFF_FIRST;
+        }
+        tracing::warn!(
+            error = %session.error,
+            retry_in = ?backoff,
+            "Queue event subscription lost."
+        );
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(LISTENER_BACKOFF_LAST);
+    }
+}
+
+/// How a subscription session ended.
+struct Lost {
+    /// Whether it got as far as subscribing.
+    subscribed: bool,
+    error: redis::RedisError,
+}
+
+/// One subscription session, until the connection is lost.
+async fn listen(client: &redis::Client, events: &broadcast::Sender<QueueEvent>) -> Lost {
+    let lost_before_subscribing = |error| Lost {
+        subscribed: false,
+        error,
+    };
+    let pubsub = match tokio::time::timeout(LISTENER_CONNECT_TIMEOUT, async {
+        let mut pubsub = client.get_async_pubsub().await?;
+        pubsub.psubscribe(EVENTS_PATTERN).await?;
+        Ok::<_, redis::RedisError>(pubsub)
+    })
+    .await
+    {
+        Ok(Ok(pubsub)) => pubsub,
+        Ok(Err(error)) => return lost_before_subscribing(error),
+        Err(_) => return lost_before_subscribing(timed_out_redis(LISTENER_CONNECT_TIMEOUT)),
+    };
+    tracing::debug!("Subscribed to queue events.");
+    // Nobody listening is not an error: the receivers come and go.
+    let _ = events.send(QueueEvent::Resync);
+    let (mut sink, mut stream) = pubsub.split();
+    let mut ping = tokio::time::interval(LISTENER_PING_INTERVAL);
+    ping.reset();
+    loop {
+        tokio::select! {
+            message = stream.next() => match message {
+                Some(message) => {
+                    if let Some(queue) = queue_of_channel(message.get_channel_name()) {
+                        let _ = events.send(QueueEvent::Changed(queue));
+                    }
+                }
+                None => {
+                    return Lost {
+                        subscribed: true,
+                        error: redis::RedisError::from(io::Error::new(
+                            io::ErrorKind::ConnectionReset,
+                            "the subscription connection closed",
+                        )),
+                    };
+                }
+            },
+            _ = ping.tick() => {
+                let answer =
+                    tokio::time::timeout(LISTENER_CONNECT_TIMEOUT, sink.ping::<Value>()).await;
+                let error = match answer {
+                    Ok(Ok(_)) => continue,
+                    Ok(Err(error)) => error,
+                    Err(_) => timed_out_redis(LISTENER_CONNECT_TIMEOUT),
+                };
+                return Lost { subscribed: true, error };
+            }
+        }
+    }
+}
+
+fn timed_out_redis(after: Duration) -> redis::RedisError {
+    redis::RedisError::from(io::Error::new(
+        io::ErrorKind::TimedOut,
+        format!("no answer within {after:?}"),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn queue(name: &str) -> QueueName {
+        name.parse().unwrap()
+    }
+
+    #[test]
+    fn ticket_ids_name_their_queue() {
+        let id = TicketId::generate(&queue("eu-west_1"));
+        let (name, hex) = id.as_str().split_once('.').unwrap();
+        assert_eq!(name, "eu-west_1");
+        assert_eq!(hex.len(), 32);
+        assert_eq!(id.queue(), queue("eu-west_1"));
+        assert_eq!(id.to_string().parse::<TicketId>(), Ok(id.clone()));
+        assert_ne!(
+            TicketId::generate(&queue("q")),
+            TicketId::generate(&queue("q"))
+        );
+    }
+
+    #[test]
+    fn malformed_ticket_ids_are_refused() {
+        let hex = "0123456789abcdef0123456789abcdef";
+        assert!(format!("q.{hex}").parse::<TicketId>().is_ok());
+        for bad in [
+            String::new(),
+            hex.to_owned(),
+            format!(".{hex}"),
+            format!("q.{}", hex.to_uppercase()),
+            format!("q.{}", &hex[1..]),
+            format!("q.{hex}0"),
+            format!("q:x.{hex}"),
+            format!("q.{}", "g".repeat(32)),
+            format!("{}.{hex}", "q".repeat(65)),
+        ] {
+            assert!(bad.parse::<TicketId>().is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn ticket_ids_and_states_are_plain_strings_in_json() {
+        let id: TicketId = "q.0123456789abcdef0123456789abcdef".parse().unwrap();
+        let json = serde_json::to_string(&id).unwrap();
+        assert_eq!(json, r#""q.0123456789abcdef0123456789abcdef""#);
+        assert_eq!(serde_json::from_str::<TicketId>(&json).unwrap(), id);
+        assert!(serde_json::from_str::<TicketId>(r#""nope""#).is_err());
+        for state in TicketState::ALL {
+            let json = serde_json::to_string(&state).unwrap();
+            assert_eq!(json, format!("\"{}\"", state.as_str()));
+            assert_eq!(state.as_str().parse::<TicketState>(), Ok(state));
+        }
+        assert!("Queued".parse::<TicketState>().is_err());
+    }
+
+    #[test]
+    fn event_channels_round_trip_to_their_queue() {
+        let name = queue("default");
+        assert_eq!(events_channel(&name), "egress-scaler:{default}:events");
+        assert_eq!(queue_of_channel(&events_channel(&name)), Some(name));
+        assert_eq!(queue_of_channel("egress-scaler:{bad name}:events"), None);
+        assert_eq!(queue_of_channel("something:else"), None);
+    }
+
+    #[test]
+    fn error_labels_are_bounded() {
+        let unavailable = QueueError::from(timed_out_redis(Duration::from_secs(1)));
+        assert_eq!(unavailable.metric_label(), "unavailable");
+        assert!(
+            unavailable
+                .to_string()
+                .starts_with("redis is unavailable: ")
+        );
+        assert_eq!(QueueError::Corrupt("x".into()).metric_label(), "corrupt");
+    }
+
+    #[test]
+    fn tickets_missing_fields_are_corrupt() {
+        let id = TicketId::generate(&queue("q"));
+        let fields = |pairs: &[(&str, &str)]| {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect::<HashMap<_, _>>()
+        };
+        let complete = [
+            ("state", "active"),
+            ("kind", "track"),
+            ("room", "r"),
+            ("dedup", "track:r"),
+            ("enqueued_at", "5"),
+            ("started_at", "7"),
+            ("egress_id", "EG"),
+        ];
+        let ticket = parse_ticket(id.clone(), fields(&complete)).unwrap();
+        assert_eq!(ticket.state, TicketState::Active);
+        assert_eq!(ticket.started_at_ms, Some(7));
+        assert!(matches!(
+            parse_ticket(id.clone(), fields(&complete[1..])),
+            Err(QueueError::Corrupt(_))
+        ));
+        let mut bad_time = complete;
+        bad_time[4] = ("enqueued_at", "soon");
+        assert!(matches!(
+            parse_ticket(id, fields(&bad_time)),
+            Err(QueueError::Corrupt(_))
+        ));
     }
 }

@@ -1,0 +1,27 @@
+-- Enqueue a new ticket (KEYS[1] and ARGV[2] are the new ticket), unless the dedup key is
+-- held by a ticket that is queued, dispatching or active.
+-- ARGV: 5 kind, 6 room name, 7 dedup key, 8 now (ms), 9 '1' when a request follows, 10 request
+-- Returns {ticket id, state, 0-based rank in pending or -1, 1 if duplicate else 0}.
+local kind, room, dedup_key, now = ARGV[5], ARGV[6], ARGV[7], ARGV[8]
+
+local holder = redis.call('HGET', dedup, dedup_key)
+if holder then
+  local state = redis.call('HGET', prefix .. 'ticket:' .. holder, 'state')
+  if state == 'queued' or state == 'dispatching' or state == 'active' then
+    return {holder, state, redis.call('ZRANK', pending, holder) or -1, 1}
+  end
+end
+
+local n = redis.call('INCR', seq)
+redis.call('HSET', ticket, 'state', 'queued', 'kind', kind, 'room', room, 'dedup', dedup_key,
+  'seq', n, 'enqueued_at', now)
+if ARGV[9] == '1' then
+  redis.call('HSET', ticket, 'request', ARGV[10])
+end
+redis.call('ZADD', pending, n, id)
+redis.call('HSET', dedup, dedup_key, id)
+redis.call('HINCRBY', demand, kind, 1)
+redis.call('HINCRBY', queued, kind, 1)
+redis.call('SADD', room_key(room), id)
+changed()
+return {id, 'queued', redis.call('ZRANK', pending, id), 0}

@@ -1,0 +1,20 @@
+-- queued | dispatching -> failed, kept in the dead-letter set.
+-- ARGV: 5 error, 6 now (ms), 7 ttl (ms), 8 dead letters older than this (ms) are dropped,
+--       9 most dead letters kept. Returns 1 or 0.
+local state, kind, room = unpack(redis.call('HMGET', ticket, 'state', 'kind', 'room'))
+if state == 'queued' then
+  leave_pending(kind, room)
+elseif state == 'dispatching' then
+  redis.call('ZREM', dispatching, id)
+else
+  return 0
+end
+decrement(demand, kind)
+redis.call('HSET', ticket, 'error', ARGV[5])
+finish('failed', ARGV[6], ARGV[7])
+redis.call('ZADD', dead, ARGV[6], id)
+-- A dead letter lives as long as its ticket hash, and only the newest are kept.
+redis.call('ZREMRANGEBYSCORE', dead, '-inf', '(' .. ARGV[8])
+redis.call('ZREMRANGEBYRANK', dead, 0, -1 - tonumber(ARGV[9]))
+changed()
+return 1

@@ -1,0 +1,48 @@
+-- Prelude of every transition script: the script's own body is appended after it.
+--
+-- KEYS: 1 ticket hash, 2 pending, 3 dispatching, 4 active, 5 dead, 6 demand, 7 queued,
+--       8 dedup, 9 egress, 10 seq
+-- ARGV: 1 key prefix, 2 ticket id, 3 events channel, 4 queue name, 5.. the script's own
+--
+-- The only keys built here rather than passed are `room:<name>` sets and the hash of a
+-- ticket found through the dedup hash: both start with the key prefix, hash tag included,
+-- so they live in the same cluster slot as KEYS.
+local ticket, pending, dispatching, active, dead = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local demand, queued, dedup, egress, seq = KEYS[6], KEYS[7], KEYS[8], KEYS[9], KEYS[10]
+local prefix, id, channel, queue = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+
+local function room_key(room)
+  return prefix .. 'room:' .. room
+end
+
+-- Counters hold non-zero kinds only, so a missing field is zero and none goes below it.
+local function decrement(hash, field)
+  local value = tonumber(redis.call('HGET', hash, field) or '0')
+  if value <= 1 then
+    redis.call('HDEL', hash, field)
+  else
+    redis.call('HINCRBY', hash, field, -1)
+  end
+end
+
+-- A queued ticket leaves the pending set, the queued counter and its room's index.
+local function leave_pending(kind, room)
+  redis.call('ZREM', pending, id)
+  decrement(queued, kind)
+  redis.call('SREM', room_key(room), id)
+end
+
+-- A finished ticket frees its dedup key (only if the key still names it) and expires.
+local function finish(state, now, ttl_ms)
+  redis.call('HSET', ticket, 'state', state, 'ended_at', now)
+  local key = redis.call('HGET', ticket, 'dedup')
+  if key and redis.call('HGET', dedup, key) == id then
+    redis.call('HDEL', dedup, key)
+  end
+  redis.call('PEXPIRE', ticket, ttl_ms)
+end
+
+local function changed()
+  redis.call('PUBLISH', channel, queue)
+end
+

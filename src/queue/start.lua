@@ -1,0 +1,15 @@
+-- queued | dispatching -> active. ARGV: 5 egress id, 6 now (ms). Returns 1 or 0.
+local state, kind, room = unpack(redis.call('HMGET', ticket, 'state', 'kind', 'room'))
+if state == 'queued' then
+  leave_pending(kind, room)
+elseif state == 'dispatching' then
+  redis.call('ZREM', dispatching, id)
+else
+  return 0
+end
+decrement(demand, kind)
+redis.call('ZADD', active, ARGV[6], id)
+redis.call('HSET', ticket, 'state', 'active', 'egress_id', ARGV[5], 'started_at', ARGV[6])
+redis.call('HSET', egress, ARGV[5], id)
+changed()
+return 1
