@@ -27,7 +27,11 @@ const ENQUEUE_CONCURRENCY: u64 = 64;
 const ACTIVATIONS: usize = 200;
 
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 struct Server(Child);
@@ -53,7 +57,9 @@ fn scaled_object(queue: &str) -> ScaledObjectRef {
     ScaledObjectRef {
         name: "egress".into(),
         namespace: "bench".into(),
-        scaler_metadata: [("queue".to_owned(), queue.to_owned())].into_iter().collect(),
+        scaler_metadata: [("queue".to_owned(), queue.to_owned())]
+            .into_iter()
+            .collect(),
     }
 }
 
@@ -66,7 +72,9 @@ fn now_ms() -> u64 {
 
 fn main() -> anyhow::Result<()> {
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     runtime.block_on(run())
 }
 
@@ -90,10 +98,13 @@ async fn run() -> anyhow::Result<()> {
             .stdout(Stdio::null())
             .spawn()?,
     );
-    let http = reqwest::Client::builder().pool_max_idle_per_host(256).build()?;
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(256)
+        .build()?;
     let base = format!("http://127.0.0.1:{http_port}");
     let deadline = Instant::now() + Duration::from_secs(30);
-    while !matches!(http.get(format!("{base}/readyz")).send().await, Ok(r) if r.status().is_success()) {
+    while !matches!(http.get(format!("{base}/readyz")).send().await, Ok(r) if r.status().is_success())
+    {
         anyhow::ensure!(Instant::now() < deadline, "the server did not become ready");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -112,14 +123,21 @@ async fn run() -> anyhow::Result<()> {
                     if i >= QUEUED {
                         return;
                     }
-                    let kind = if i % 3 == 0 { EgressKind::RoomComposite } else { EgressKind::Track };
+                    let kind = if i % 3 == 0 {
+                        EgressKind::RoomComposite
+                    } else {
+                        EgressKind::Track
+                    };
                     let request = NewRequest {
                         kind,
                         room_name: format!("room-{i}"),
                         request: None,
                         dedup_key: None,
                     };
-                    store.enqueue(&bench, request, now_ms()).await.expect("enqueue");
+                    store
+                        .enqueue(&bench, request, now_ms())
+                        .await
+                        .expect("enqueue");
                 }
             })
         })
@@ -129,11 +147,17 @@ async fn run() -> anyhow::Result<()> {
     }
     let fill_time = fill_started.elapsed();
     let stats = store.stats(&bench).await?;
-    anyhow::ensure!(stats.depth == QUEUED, "queue depth {} != {QUEUED}", stats.depth);
+    anyhow::ensure!(
+        stats.depth == QUEUED,
+        "queue depth {} != {QUEUED}",
+        stats.depth
+    );
 
     // GetMetrics next to PING, interleaved.
     let mut grpc = ExternalScalerClient::connect(format!("http://127.0.0.1:{grpc_port}")).await?;
-    let mut ping = redis::Client::open(redis.url())?.get_multiplexed_async_connection().await?;
+    let mut ping = redis::Client::open(redis.url())?
+        .get_multiplexed_async_connection()
+        .await?;
     let mut metrics_samples = Vec::with_capacity(LATENCY_ROUNDS);
     let mut ping_samples = Vec::with_capacity(LATENCY_ROUNDS);
     let mut desired = 0;
@@ -197,12 +221,19 @@ async fn run() -> anyhow::Result<()> {
     let mut activation_samples = Vec::with_capacity(ACTIVATIONS);
     for round in 0..ACTIVATIONS {
         let queue = format!("act-{round}");
-        let mut stream = grpc.stream_is_active(scaled_object(&queue)).await?.into_inner();
+        let mut stream = grpc
+            .stream_is_active(scaled_object(&queue))
+            .await?
+            .into_inner();
         // Let the stream make its first (inactive) evaluation.
         tokio::time::sleep(Duration::from_millis(5)).await;
         let started = Instant::now();
         let body = json!({"kind": "room_composite", "room_name": "r", "queue": queue});
-        let response = http.post(format!("{base}/v1/requests")).json(&body).send().await?;
+        let response = http
+            .post(format!("{base}/v1/requests"))
+            .json(&body)
+            .send()
+            .await?;
         anyhow::ensure!(response.status().as_u16() == 202);
         let message = tokio::time::timeout(Duration::from_secs(5), stream.message()).await??;
         anyhow::ensure!(message.map(|m| m.result) == Some(true), "no activation");
@@ -213,13 +244,27 @@ async fn run() -> anyhow::Result<()> {
     let metrics_p99 = percentile(&mut metrics_samples, 0.99);
     let ping_p50 = percentile(&mut ping_samples, 0.5);
     let ping_p99 = percentile(&mut ping_samples, 0.99);
-    println!("egress-scaler benchmarks (loopback, {} cores)", std::thread::available_parallelism().map_or(0, |n| n.get()));
-    println!("queue filled with {QUEUED} tickets in {:.1} s (desired answered: {desired})", fill_time.as_secs_f64());
+    println!(
+        "egress-scaler benchmarks (loopback, {} cores)",
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
+    println!(
+        "queue filled with {QUEUED} tickets in {:.1} s (desired answered: {desired})",
+        fill_time.as_secs_f64()
+    );
     println!();
     println!("| measurement | p50 | p99 | goal |");
     println!("|---|---|---|---|");
-    println!("| GetMetrics, {QUEUED} queued ({LATENCY_ROUNDS} calls) | {} | {} | p99 <= 3x PING p99 |", ms(metrics_p50), ms(metrics_p99));
-    println!("| Redis PING round trip (same rounds) | {} | {} | |", ms(ping_p50), ms(ping_p99));
+    println!(
+        "| GetMetrics, {QUEUED} queued ({LATENCY_ROUNDS} calls) | {} | {} | p99 <= 3x PING p99 |",
+        ms(metrics_p50),
+        ms(metrics_p99)
+    );
+    println!(
+        "| Redis PING round trip (same rounds) | {} | {} | |",
+        ms(ping_p50),
+        ms(ping_p99)
+    );
     println!(
         "| ratio GetMetrics / PING | {:.2}x | {:.2}x | <= 3x |",
         metrics_p50.as_secs_f64() / ping_p50.as_secs_f64(),
@@ -231,10 +276,15 @@ async fn run() -> anyhow::Result<()> {
         ms(percentile(&mut activation_samples, 0.99))
     );
     println!();
-    println!("| enqueue through HTTP, dedup on, {ENQUEUE_CONCURRENCY} connections, {ENQUEUE_REQUESTS} requests x 3 runs | requests/s |");
+    println!(
+        "| enqueue through HTTP, dedup on, {ENQUEUE_CONCURRENCY} connections, {ENQUEUE_REQUESTS} requests x 3 runs | requests/s |"
+    );
     println!("|---|---|");
     println!("| median run | {:.0} |", throughputs[1]);
-    println!("| slowest / fastest run | {:.0} / {:.0} |", throughputs[0], throughputs[2]);
+    println!(
+        "| slowest / fastest run | {:.0} / {:.0} |",
+        throughputs[0], throughputs[2]
+    );
     println!("| goal | >= 5000 |");
     Ok(())
 }

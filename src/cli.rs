@@ -47,8 +47,12 @@ fn http_client() -> anyhow::Result<reqwest::Client> {
 
 /// A short-lived token with `video.roomRecord`, when credentials are in the environment.
 fn bearer_token() -> anyhow::Result<Option<String>> {
-    let key = std::env::var("LIVEKIT_API_KEY").ok().filter(|v| !v.is_empty());
-    let secret = std::env::var("LIVEKIT_API_SECRET").ok().filter(|v| !v.is_empty());
+    let key = std::env::var("LIVEKIT_API_KEY")
+        .ok()
+        .filter(|v| !v.is_empty());
+    let secret = std::env::var("LIVEKIT_API_SECRET")
+        .ok()
+        .filter(|v| !v.is_empty());
     let (Some(key), Some(secret)) = (key, secret) else {
         return Ok(None);
     };
@@ -91,7 +95,9 @@ async fn enqueue(args: EnqueueArgs) -> anyhow::Result<ExitCode> {
         Some(path) => {
             let mut text = String::new();
             if path.as_os_str() == "-" {
-                std::io::stdin().read_to_string(&mut text).context("cannot read the request from stdin")?;
+                std::io::stdin()
+                    .read_to_string(&mut text)
+                    .context("cannot read the request from stdin")?;
             } else {
                 text = std::fs::read_to_string(path)
                     .with_context(|| format!("cannot read --request {}", path.display()))?;
@@ -144,7 +150,8 @@ async fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
     if args.json {
         println!("{}", serde_json::to_string_pretty(&answer)?);
     } else {
-        let status: StatusAnswer = serde_json::from_value(answer).context("unexpected status JSON")?;
+        let status: StatusAnswer =
+            serde_json::from_value(answer).context("unexpected status JSON")?;
         print!("{}", render_status(&status));
     }
     Ok(ExitCode::SUCCESS)
@@ -155,7 +162,11 @@ fn wait_text(seconds: Option<f64>) -> String {
         None => "-".to_owned(),
         Some(s) if s < 60.0 => format!("{s:.1}s"),
         Some(s) if s < 3600.0 => format!("{}m{:02}s", (s / 60.0) as u64, (s % 60.0) as u64),
-        Some(s) => format!("{}h{:02}m", (s / 3600.0) as u64, ((s % 3600.0) / 60.0) as u64),
+        Some(s) => format!(
+            "{}h{:02}m",
+            (s / 3600.0) as u64,
+            ((s % 3600.0) / 60.0) as u64
+        ),
     }
 }
 
@@ -196,7 +207,15 @@ pub fn render_status(status: &StatusAnswer) -> String {
         );
     }
     for queue in &status.queues {
-        let _ = writeln!(out, "\n{}: desired {} because", queue.queue, queue.desired_replicas.map(|d| d.to_string()).unwrap_or_else(|| "unknown".to_owned()));
+        let _ = writeln!(
+            out,
+            "\n{}: desired {} because",
+            queue.queue,
+            queue
+                .desired_replicas
+                .map(|d| d.to_string())
+                .unwrap_or_else(|| "unknown".to_owned())
+        );
         for reason in &queue.reasons {
             let _ = writeln!(out, "  - {reason}");
         }
@@ -244,7 +263,10 @@ pub fn render_status(status: &StatusAnswer) -> String {
                 pod["address"].as_str().unwrap_or("?"),
                 pod["node_id"].as_str().unwrap_or("-"),
                 pod["state"].as_str().unwrap_or("?"),
-                pod["free_cpu_cores"].as_f64().map(|f| format!("{f:.1}")).unwrap_or_default(),
+                pod["free_cpu_cores"]
+                    .as_f64()
+                    .map(|f| format!("{f:.1}"))
+                    .unwrap_or_default(),
                 wait_text(pod["last_scrape_age_seconds"].as_f64()),
                 active
             );

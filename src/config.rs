@@ -62,7 +62,12 @@ pub struct ServeArgs {
     #[arg(long, env = "EGRESS_SCALER_HTTP_LISTEN")]
     pub http_listen: Option<SocketAddr>,
     /// Static egress pod metrics URL (repeatable).
-    #[arg(long = "egress-metrics", value_name = "URL", env = "EGRESS_SCALER_EGRESS_METRICS", value_delimiter = ',')]
+    #[arg(
+        long = "egress-metrics",
+        value_name = "URL",
+        env = "EGRESS_SCALER_EGRESS_METRICS",
+        value_delimiter = ','
+    )]
     pub egress_metrics: Vec<String>,
     /// Discover egress pods from the A/AAAA records of a headless Service.
     #[arg(long, value_name = "HOST:PORT", env = "EGRESS_SCALER_EGRESS_DNS")]
@@ -77,7 +82,12 @@ pub struct ServeArgs {
     #[arg(long, env = "EGRESS_SCALER_MAX_CPU_UTILIZATION")]
     pub max_cpu_utilization: Option<f64>,
     /// Cost table override, KIND=CORES (repeatable).
-    #[arg(long = "cost", value_name = "KIND=CORES", env = "EGRESS_SCALER_COST", value_delimiter = ',')]
+    #[arg(
+        long = "cost",
+        value_name = "KIND=CORES",
+        env = "EGRESS_SCALER_COST",
+        value_delimiter = ','
+    )]
     pub cost: Vec<String>,
     /// Idle pods to keep ready [default: 0].
     #[arg(long, env = "EGRESS_SCALER_WARM_POOL")]
@@ -109,7 +119,11 @@ pub struct ServeArgs {
 #[derive(Debug, Args)]
 pub struct EnqueueArgs {
     /// Base URL of a running `egress-scaler serve` HTTP API.
-    #[arg(long, env = "EGRESS_SCALER_SERVER", default_value = "http://127.0.0.1:8080")]
+    #[arg(
+        long,
+        env = "EGRESS_SCALER_SERVER",
+        default_value = "http://127.0.0.1:8080"
+    )]
     pub server: String,
     /// Egress kind: room_composite, audio_room_composite, web, audio_web, participant, track_composite, track.
     #[arg(long)]
@@ -132,7 +146,11 @@ pub struct EnqueueArgs {
 #[derive(Debug, Args)]
 pub struct StatusArgs {
     /// Base URL of a running `egress-scaler serve` HTTP API.
-    #[arg(long, env = "EGRESS_SCALER_SERVER", default_value = "http://127.0.0.1:8080")]
+    #[arg(
+        long,
+        env = "EGRESS_SCALER_SERVER",
+        default_value = "http://127.0.0.1:8080"
+    )]
     pub server: String,
     /// Print the server's JSON instead of a table.
     #[arg(long)]
@@ -290,7 +308,12 @@ impl ServeArgs {
         if let Some(cores) = self.pod_cpu.or(file.pod_cpu) {
             settings.pod_cpu = cores_to_millicores(cores)
                 .filter(|m| *m > 0)
-                .ok_or_else(|| invalid("--pod-cpu", format!("{cores} is not a positive number of cores")))?;
+                .ok_or_else(|| {
+                    invalid(
+                        "--pod-cpu",
+                        format!("{cores} is not a positive number of cores"),
+                    )
+                })?;
         }
         if let Some(u) = self.max_cpu_utilization.or(file.max_cpu_utilization) {
             if !(u > 0.0 && u <= 1.0) {
@@ -327,7 +350,10 @@ impl ServeArgs {
             ));
         }
 
-        let queue = self.queue.or(file.queue).unwrap_or_else(|| "default".to_owned());
+        let queue = self
+            .queue
+            .or(file.queue)
+            .unwrap_or_else(|| "default".to_owned());
         let default_queue = queue
             .parse::<QueueName>()
             .map_err(|error| invalid("--queue", error.to_string()))?;
@@ -348,10 +374,16 @@ impl ServeArgs {
             (Some(key), Some(secret)) => Some(ApiCredentials { key, secret }),
             (None, None) => None,
             (Some(_), None) => {
-                return Err(invalid("LIVEKIT_API_SECRET", "is empty while LIVEKIT_API_KEY is set"));
+                return Err(invalid(
+                    "LIVEKIT_API_SECRET",
+                    "is empty while LIVEKIT_API_KEY is set",
+                ));
             }
             (None, Some(_)) => {
-                return Err(invalid("LIVEKIT_API_KEY", "is empty while LIVEKIT_API_SECRET is set"));
+                return Err(invalid(
+                    "LIVEKIT_API_KEY",
+                    "is empty while LIVEKIT_API_SECRET is set",
+                ));
             }
         };
 
@@ -370,18 +402,30 @@ impl ServeArgs {
 }
 
 fn read_file_config(path: &Path) -> Result<FileConfig, ConfigError> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|error| invalid("--config", format!("cannot read {}: {error}", path.display())))?;
-    toml::from_str(&text)
-        .map_err(|error| invalid("--config", format!("{}: {}", path.display(), error.message())))
+    let text = std::fs::read_to_string(path).map_err(|error| {
+        invalid(
+            "--config",
+            format!("cannot read {}: {error}", path.display()),
+        )
+    })?;
+    toml::from_str(&text).map_err(|error| {
+        invalid(
+            "--config",
+            format!("{}: {}", path.display(), error.message()),
+        )
+    })
 }
 
 fn set_cost(settings: &mut Settings, kind: &str, cores: f64) -> Result<(), ConfigError> {
     let kind: EgressKind = kind
         .parse()
         .map_err(|error: crate::model::UnknownKind| invalid("--cost", error.to_string()))?;
-    let millicores = cores_to_millicores(cores)
-        .ok_or_else(|| invalid("--cost", format!("{kind}={cores}: the cost must be a number of cores >= 0")))?;
+    let millicores = cores_to_millicores(cores).ok_or_else(|| {
+        invalid(
+            "--cost",
+            format!("{kind}={cores}: the cost must be a number of cores >= 0"),
+        )
+    })?;
     settings.costs.set(kind, millicores);
     Ok(())
 }
@@ -390,7 +434,10 @@ fn positive_seconds(setting: &'static str, seconds: f64) -> Result<Duration, Con
     if seconds.is_finite() && seconds > 0.0 && seconds < 86_400.0 {
         Ok(Duration::from_secs_f64(seconds))
     } else {
-        Err(invalid(setting, format!("{seconds} is not a positive number of seconds")))
+        Err(invalid(
+            setting,
+            format!("{seconds} is not a positive number of seconds"),
+        ))
     }
 }
 
@@ -423,11 +470,12 @@ fn fleet_source(
         let (host, port) = target
             .rsplit_once(':')
             .ok_or_else(|| invalid("--egress-dns", format!("{target:?} is not HOST:PORT")))?;
-        let port: u16 = port
-            .parse()
-            .ok()
-            .filter(|port| *port > 0)
-            .ok_or_else(|| invalid("--egress-dns", format!("{target:?}: {port:?} is not a port")))?;
+        let port: u16 = port.parse().ok().filter(|port| *port > 0).ok_or_else(|| {
+            invalid(
+                "--egress-dns",
+                format!("{target:?}: {port:?} is not a port"),
+            )
+        })?;
         let host = host.trim_start_matches('[').trim_end_matches(']');
         if host.is_empty() {
             return Err(invalid("--egress-dns", format!("{target:?} has no host")));
@@ -462,9 +510,15 @@ mod tests {
         }
     }
 
-    fn resolve(args: &[&str], env: &[(&'static str, &'static str)]) -> Result<ServeConfig, ConfigError> {
+    fn resolve(
+        args: &[&str],
+        env: &[(&'static str, &'static str)],
+    ) -> Result<ServeConfig, ConfigError> {
         let cli = Cli::try_parse_from(
-            ["egress-scaler", "serve"].iter().chain(args.iter()).copied(),
+            ["egress-scaler", "serve"]
+                .iter()
+                .chain(args.iter())
+                .copied(),
         )
         .expect("flags parse");
         let Command::Serve(serve) = cli.command else {
@@ -488,7 +542,16 @@ mod tests {
     #[test]
     fn cost_overrides_and_clamps_apply() {
         let config = resolve(
-            &["--cost", "track=0.25", "--cost", "web=2", "--warm-pool", "2", "--pod-cpu", "8"],
+            &[
+                "--cost",
+                "track=0.25",
+                "--cost",
+                "web=2",
+                "--warm-pool",
+                "2",
+                "--pod-cpu",
+                "8",
+            ],
             &[("REDIS_URL", "redis://10.0.0.1:6380")],
         )
         .unwrap();
@@ -505,7 +568,10 @@ mod tests {
             (&["--cost", "video=4"], "--cost"),
             (&["--cost", "track"], "--cost"),
             (&["--max-cpu-utilization", "1.5"], "--max-cpu-utilization"),
-            (&["--min-replicas", "5", "--max-replicas", "2"], "--max-replicas"),
+            (
+                &["--min-replicas", "5", "--max-replicas", "2"],
+                "--max-replicas",
+            ),
             (&["--queue", "a b"], "--queue"),
             (&["--redis-url", "http://x"], "--redis-url"),
             (&["--egress-dns", "egress"], "--egress-dns"),
@@ -519,20 +585,31 @@ mod tests {
     #[test]
     fn one_fleet_source_at_a_time() {
         let error = resolve(
-            &["--egress-metrics", "http://a/metrics", "--prometheus-url", "http://p:9090"],
+            &[
+                "--egress-metrics",
+                "http://a/metrics",
+                "--prometheus-url",
+                "http://p:9090",
+            ],
             &[],
         )
         .unwrap_err();
         assert!(error.to_string().contains("choose one fleet source"));
         let config = resolve(&["--egress-dns", "egress.ns.svc:9100"], &[]).unwrap();
-        assert!(matches!(config.fleet_source, FleetSource::Dns { ref host, port: 9100 } if host == "egress.ns.svc"));
+        assert!(
+            matches!(config.fleet_source, FleetSource::Dns { ref host, port: 9100 } if host == "egress.ns.svc")
+        );
     }
 
     #[test]
     fn half_the_credentials_is_an_error() {
         let error = resolve(&[], &[("LIVEKIT_API_KEY", "key")]).unwrap_err();
         assert_eq!(error.setting, "LIVEKIT_API_SECRET");
-        let config = resolve(&[], &[("LIVEKIT_API_KEY", "key"), ("LIVEKIT_API_SECRET", "s")]).unwrap();
+        let config = resolve(
+            &[],
+            &[("LIVEKIT_API_KEY", "key"), ("LIVEKIT_API_SECRET", "s")],
+        )
+        .unwrap();
         assert!(!format!("{:?}", config.credentials).contains("\"s\""));
     }
 
@@ -541,7 +618,11 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("egress-scaler-config-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("config.toml");
-        std::fs::write(&path, "warm_pool = 3\nmax_replicas = 7\nqueue = \"rec\"\n[cost]\ntrack = 1.0\n").unwrap();
+        std::fs::write(
+            &path,
+            "warm_pool = 3\nmax_replicas = 7\nqueue = \"rec\"\n[cost]\ntrack = 1.0\n",
+        )
+        .unwrap();
         let path_str = path.to_str().unwrap();
         let config = resolve(&["--config", path_str, "--max-replicas", "9"], &[]).unwrap();
         assert_eq!(config.settings.warm_pool, 3);

@@ -33,14 +33,22 @@ fn field_error(kind: EgressKind, what: &str) -> InvalidRequest {
 impl StartRequest {
     /// Validates `request` (protobuf JSON, may be absent) for `kind` and `room_name`; fills the
     /// room name in and makes `audio_only` agree with the kind.
-    pub fn parse(kind: EgressKind, room_name: &str, request: Option<Value>) -> Result<Self, InvalidRequest> {
+    pub fn parse(
+        kind: EgressKind,
+        room_name: &str,
+        request: Option<Value>,
+    ) -> Result<Self, InvalidRequest> {
         let request = request.unwrap_or_else(|| Value::Object(Default::default()));
         if !request.is_object() {
             return Err(InvalidRequest("request must be a JSON object".to_owned()));
         }
-        fn decode<T: serde::de::DeserializeOwned>(kind: EgressKind, value: Value) -> Result<T, InvalidRequest> {
-            serde_json::from_value(value)
-                .map_err(|error| InvalidRequest(format!("request is not a valid {kind} request: {error}")))
+        fn decode<T: serde::de::DeserializeOwned>(
+            kind: EgressKind,
+            value: Value,
+        ) -> Result<T, InvalidRequest> {
+            serde_json::from_value(value).map_err(|error| {
+                InvalidRequest(format!("request is not a valid {kind} request: {error}"))
+            })
         }
         let check_room = |given: &mut String| -> Result<(), InvalidRequest> {
             if given.is_empty() {
@@ -91,7 +99,10 @@ impl StartRequest {
                 let mut parsed: proto::TrackCompositeEgressRequest = decode(kind, request)?;
                 check_room(&mut parsed.room_name)?;
                 if parsed.audio_track_id.is_empty() && parsed.video_track_id.is_empty() {
-                    return Err(field_error(kind, "request.audio_track_id or request.video_track_id"));
+                    return Err(field_error(
+                        kind,
+                        "request.audio_track_id or request.video_track_id",
+                    ));
                 }
                 StartRequest::TrackComposite(parsed)
             }
@@ -144,15 +155,41 @@ mod tests {
             panic!("wrong kind")
         };
         assert!(request.audio_only);
-        let error = StartRequest::parse(EgressKind::RoomComposite, "r", Some(json!({"audioOnly": true}))).unwrap_err();
+        let error = StartRequest::parse(
+            EgressKind::RoomComposite,
+            "r",
+            Some(json!({"audioOnly": true})),
+        )
+        .unwrap_err();
         assert!(error.0.contains("audio_room_composite"), "{error}");
     }
 
     #[test]
     fn mismatched_room_and_unknown_fields_are_refused() {
-        assert!(StartRequest::parse(EgressKind::RoomComposite, "a", Some(json!({"room_name": "b"}))).is_err());
-        assert!(StartRequest::parse(EgressKind::RoomComposite, "a", Some(json!({"room_name": "a"}))).is_ok());
-        assert!(StartRequest::parse(EgressKind::RoomComposite, "a", Some(json!({"bogus": 1}))).is_err());
+        assert!(
+            StartRequest::parse(
+                EgressKind::RoomComposite,
+                "a",
+                Some(json!({"room_name": "b"}))
+            )
+            .is_err()
+        );
+        assert!(
+            StartRequest::parse(
+                EgressKind::RoomComposite,
+                "a",
+                Some(json!({"room_name": "a"}))
+            )
+            .is_ok()
+        );
+        // Like LiveKit's own Twirp JSON decoding, unknown fields are dropped.
+        let lenient =
+            StartRequest::parse(EgressKind::RoomComposite, "a", Some(json!({"bogus": 1}))).unwrap();
+        assert!(!lenient.to_json().contains("bogus"));
+        assert!(
+            StartRequest::parse(EgressKind::RoomComposite, "a", Some(json!({"layout": 7})))
+                .is_err()
+        );
         assert!(StartRequest::parse(EgressKind::RoomComposite, "a", Some(json!([1]))).is_err());
     }
 
@@ -160,9 +197,23 @@ mod tests {
     fn kinds_that_need_ids_say_which() {
         let error = StartRequest::parse(EgressKind::Track, "a", None).unwrap_err();
         assert!(error.0.contains("track_id"));
-        assert!(StartRequest::parse(EgressKind::Track, "a", Some(json!({"trackId": "TR_1"}))).is_ok());
-        assert!(StartRequest::parse(EgressKind::Web, "a", None).unwrap_err().0.contains("url"));
-        assert!(StartRequest::parse(EgressKind::Participant, "a", Some(json!({"identity": "bob"}))).is_ok());
+        assert!(
+            StartRequest::parse(EgressKind::Track, "a", Some(json!({"trackId": "TR_1"}))).is_ok()
+        );
+        assert!(
+            StartRequest::parse(EgressKind::Web, "a", None)
+                .unwrap_err()
+                .0
+                .contains("url")
+        );
+        assert!(
+            StartRequest::parse(
+                EgressKind::Participant,
+                "a",
+                Some(json!({"identity": "bob"}))
+            )
+            .is_ok()
+        );
         assert!(StartRequest::parse(EgressKind::TrackComposite, "a", None).is_err());
     }
 }

@@ -61,7 +61,10 @@ impl AppState {
 pub fn router(state: AppState) -> Router {
     let api = Router::new()
         .route("/v1/requests", axum::routing::post(enqueue))
-        .route("/v1/requests/{ticket}", get(get_ticket).delete(cancel_ticket))
+        .route(
+            "/v1/requests/{ticket}",
+            get(get_ticket).delete(cancel_ticket),
+        )
         .route("/v1/status", get(status))
         .layer(middleware::from_fn_with_state(state.clone(), authenticate));
     Router::new()
@@ -118,16 +121,17 @@ impl IntoResponse for ApiError {
 }
 
 async fn authenticate(State(state): State<AppState>, request: Request, next: Next) -> Response {
-    if let Some(verifier) = &state.verifier {
-        if let Err(error) = check_token(verifier, request.headers()) {
-            return error.into_response();
-        }
+    if let Some(verifier) = &state.verifier
+        && let Err(error) = check_token(verifier, request.headers())
+    {
+        return error.into_response();
     }
     next.run(request).await
 }
 
 fn check_token(verifier: &TokenVerifier, headers: &HeaderMap) -> Result<(), ApiError> {
-    let unauthenticated = |message: &str| ApiError::new(StatusCode::UNAUTHORIZED, "unauthenticated", message);
+    let unauthenticated =
+        |message: &str| ApiError::new(StatusCode::UNAUTHORIZED, "unauthenticated", message);
     let value = headers
         .get(header::AUTHORIZATION)
         .ok_or_else(|| unauthenticated("missing Authorization: Bearer <LiveKit access token>"))?;
@@ -182,7 +186,10 @@ struct ValidEnqueue {
     request: NewRequest,
 }
 
-fn validate_enqueue(body: Result<Bytes, BytesRejection>, default_queue: &QueueName) -> Result<ValidEnqueue, ApiError> {
+fn validate_enqueue(
+    body: Result<Bytes, BytesRejection>,
+    default_queue: &QueueName,
+) -> Result<ValidEnqueue, ApiError> {
     let bytes = body.map_err(|rejection| {
         if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::new(
@@ -211,13 +218,19 @@ fn validate_enqueue(body: Result<Bytes, BytesRejection>, default_queue: &QueueNa
         None => default_queue.clone(),
         Some(name) => name
             .parse()
-            .map_err(|error: crate::queue::InvalidQueueName| ApiError::bad_request(error.to_string()))?,
+            .map_err(|error: crate::queue::InvalidQueueName| {
+                ApiError::bad_request(error.to_string())
+            })?,
     };
     let dedup_key = match body.dedup_key {
         Some(key) if key.trim().is_empty() => {
-            return Err(ApiError::bad_request("dedup_key must not be empty when given"));
+            return Err(ApiError::bad_request(
+                "dedup_key must not be empty when given",
+            ));
         }
-        Some(key) if key.len() > 512 => return Err(ApiError::bad_request("dedup_key is longer than 512 bytes")),
+        Some(key) if key.len() > 512 => {
+            return Err(ApiError::bad_request("dedup_key is longer than 512 bytes"));
+        }
         other => other,
     };
     let start = StartRequest::parse(kind, room_name, body.request)
@@ -258,7 +271,11 @@ async fn enqueue(State(state): State<AppState>, body: Result<Bytes, BytesRejecti
             return error.into_response();
         }
     };
-    match state.store.enqueue(&valid.queue, valid.request, now_ms()).await {
+    match state
+        .store
+        .enqueue(&valid.queue, valid.request, now_ms())
+        .await
+    {
         Ok(enqueued) => {
             let status = if enqueued.duplicate {
                 count(EnqueueOutcome::duplicate);
@@ -324,7 +341,10 @@ impl TicketAnswer {
     }
 }
 
-async fn get_ticket(State(state): State<AppState>, Path(raw): Path<String>) -> Result<Json<TicketAnswer>, ApiError> {
+async fn get_ticket(
+    State(state): State<AppState>,
+    Path(raw): Path<String>,
+) -> Result<Json<TicketAnswer>, ApiError> {
     let id = parse_ticket(&raw)?;
     let ticket = state
         .store
@@ -339,18 +359,30 @@ async fn get_ticket(State(state): State<AppState>, Path(raw): Path<String>) -> R
     Ok(Json(TicketAnswer::new(ticket, position)))
 }
 
-async fn cancel_ticket(State(state): State<AppState>, Path(raw): Path<String>) -> Result<Json<Value>, ApiError> {
+async fn cancel_ticket(
+    State(state): State<AppState>,
+    Path(raw): Path<String>,
+) -> Result<Json<Value>, ApiError> {
     let id = parse_ticket(&raw)?;
     match state.store.cancel(&id, now_ms()).await? {
         CancelOutcome::Cancelled => {
             tracing::info!(ticket = %id, "Request cancelled.");
-            Ok(Json(json!({ "ticket": id, "state": TicketState::Cancelled })))
+            Ok(Json(
+                json!({ "ticket": id, "state": TicketState::Cancelled }),
+            ))
         }
-        CancelOutcome::NotFound => Err(ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such ticket")),
+        CancelOutcome::NotFound => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "no such ticket",
+        )),
         CancelOutcome::NotQueued(current) => Err(ApiError::new(
             StatusCode::CONFLICT,
             "failed_precondition",
-            format!("the ticket is {} and can no longer be cancelled", current.as_str()),
+            format!(
+                "the ticket is {} and can no longer be cancelled",
+                current.as_str()
+            ),
         )),
     }
 }
@@ -409,7 +441,10 @@ pub struct StatusAnswer {
 }
 
 fn to_names(demand: &crate::model::Demand) -> BTreeMap<String, u64> {
-    demand.iter().map(|(kind, count)| (kind.as_str().to_owned(), count)).collect()
+    demand
+        .iter()
+        .map(|(kind, count)| (kind.as_str().to_owned(), count))
+        .collect()
 }
 
 fn fleet_status(fleet: &Fleet) -> (FleetStatus, Option<Arc<FleetView>>) {
@@ -417,11 +452,15 @@ fn fleet_status(fleet: &Fleet) -> (FleetStatus, Option<Arc<FleetView>>) {
         Ok(view) => (view, None),
         Err(error) => (fleet.view(), Some(error.to_string())),
     };
-    let mut pods_by_state: BTreeMap<String, u64> =
-        PodState::ALL.iter().map(|state| (state.as_str().to_owned(), 0)).collect();
+    let mut pods_by_state: BTreeMap<String, u64> = PodState::ALL
+        .iter()
+        .map(|state| (state.as_str().to_owned(), 0))
+        .collect();
     let mut free = 0.0;
     for pod in &view.pods {
-        *pods_by_state.entry(pod.state.as_str().to_owned()).or_default() += 1;
+        *pods_by_state
+            .entry(pod.state.as_str().to_owned())
+            .or_default() += 1;
         if pod.state == PodState::Ready {
             free += pod.free_cpu_cores.max(0.0);
         }
@@ -480,7 +519,19 @@ pub async fn build_status(state: &AppState) -> Result<StatusAnswer, QueueError> 
             decision: decision.as_ref().and_then(|d| serde_json::to_value(d).ok()),
         });
     }
-    Ok(StatusAnswer { queues: answer, fleet })
+    Ok(StatusAnswer {
+        queues: answer,
+        fleet,
+    })
+}
+
+async fn record_queue_gauges(state: &AppState) -> Result<(), QueueError> {
+    let now = now_ms();
+    for queue in state.store.queues().await? {
+        let stats = state.store.stats(&queue).await?;
+        state.metrics.record_queue(&queue, &stats, now);
+    }
+    Ok(())
 }
 
 async fn status(State(state): State<AppState>) -> Result<Json<StatusAnswer>, ApiError> {
@@ -488,6 +539,10 @@ async fn status(State(state): State<AppState>) -> Result<Json<StatusAnswer>, Api
 }
 
 async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
+    // Queue gauges are read when scraped, so they are as fresh as the scrape.
+    if let Err(error) = record_queue_gauges(&state).await {
+        tracing::debug!(%error, "Queue gauges not refreshed.");
+    }
     (
         [(
             header::CONTENT_TYPE,
@@ -502,7 +557,12 @@ async fn ready(State(state): State<AppState>) -> Response {
         Ok(()) => (StatusCode::OK, "ready\n").into_response(),
         Err(error) => {
             tracing::warn!(%error, "Not ready: Redis does not answer.");
-            ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "redis does not answer").into_response()
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                "redis does not answer",
+            )
+            .into_response()
         }
     }
 }

@@ -66,7 +66,9 @@ impl fmt::Display for EgressKind {
 
 /// The name given is not one of the kinds of DESIGN.md 2.1.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown egress kind {0:?} (expected one of room_composite, audio_room_composite, web, audio_web, participant, track_composite, track)")]
+#[error(
+    "unknown egress kind {0:?} (expected one of room_composite, audio_room_composite, web, audio_web, participant, track_composite, track)"
+)]
 pub struct UnknownKind(pub String);
 
 impl FromStr for EgressKind {
@@ -543,7 +545,13 @@ pub fn decide(settings: &Settings, demand: &Demand, fleet: &FleetSnapshot) -> De
 /// Places up to `per_pod` jobs of `cost` on each pod of the group, taking them from `left`.
 /// Pods that received jobs are split off into `filled` (as busy pods); the group keeps the
 /// pods that received none. Returns the number of jobs placed.
-fn fill(slots: &mut Slots, per_pod: u64, cost: i64, left: &mut u64, filled: &mut Vec<Slots>) -> u64 {
+fn fill(
+    slots: &mut Slots,
+    per_pod: u64,
+    cost: i64,
+    left: &mut u64,
+    filled: &mut Vec<Slots>,
+) -> u64 {
     if per_pod == 0 || slots.count == 0 || *left == 0 {
         return 0;
     }
@@ -587,7 +595,10 @@ mod tests {
 
     #[test]
     fn three_room_composites_and_no_pods_need_three() {
-        assert_eq!(desired(&demand(&[(RoomComposite, 3)]), &FleetSnapshot::default()), 3);
+        assert_eq!(
+            desired(&demand(&[(RoomComposite, 3)]), &FleetSnapshot::default()),
+            3
+        );
     }
 
     #[test]
@@ -599,15 +610,27 @@ mod tests {
         );
         assert_eq!(decision.desired, 3);
         assert_eq!(decision.new_pods, 3);
-        assert_eq!(desired(&demand(&[(Track, 12)]), &FleetSnapshot::default()), 2);
-        assert_eq!(desired(&demand(&[(Track, 6)]), &FleetSnapshot::default()), 1);
-        assert_eq!(desired(&demand(&[(Track, 7)]), &FleetSnapshot::default()), 2);
+        assert_eq!(
+            desired(&demand(&[(Track, 12)]), &FleetSnapshot::default()),
+            2
+        );
+        assert_eq!(
+            desired(&demand(&[(Track, 6)]), &FleetSnapshot::default()),
+            1
+        );
+        assert_eq!(
+            desired(&demand(&[(Track, 7)]), &FleetSnapshot::default()),
+            2
+        );
     }
 
     #[test]
     fn a_room_composite_fills_its_pod_so_tracks_need_another() {
         assert_eq!(
-            desired(&demand(&[(RoomComposite, 1), (Track, 2)]), &FleetSnapshot::default()),
+            desired(
+                &demand(&[(RoomComposite, 1), (Track, 2)]),
+                &FleetSnapshot::default()
+            ),
             2
         );
     }
@@ -623,7 +646,12 @@ mod tests {
         );
         assert_eq!(decision.desired, 1);
         assert_eq!(decision.unschedulable.get(&Participant), Some(&2));
-        assert!(decision.reasons(&settings).iter().any(|r| r.contains("unschedulable")));
+        assert!(
+            decision
+                .reasons(&settings)
+                .iter()
+                .any(|r| r.contains("unschedulable"))
+        );
     }
 
     #[test]
@@ -639,7 +667,11 @@ mod tests {
 
     #[test]
     fn nothing_at_all_is_inactive() {
-        let decision = decide(&Settings::default(), &Demand::default(), &FleetSnapshot::default());
+        let decision = decide(
+            &Settings::default(),
+            &Demand::default(),
+            &FleetSnapshot::default(),
+        );
         assert_eq!(decision.desired, 0);
         assert!(!decision.is_active());
     }
@@ -647,7 +679,10 @@ mod tests {
     #[test]
     fn idle_pods_take_queued_jobs_before_new_pods() {
         let fleet = FleetSnapshot {
-            pods: vec![Pod::new("a", PodState::Ready), Pod::new("b", PodState::Ready)],
+            pods: vec![
+                Pod::new("a", PodState::Ready),
+                Pod::new("b", PodState::Ready),
+            ],
         };
         let decision = decide(&Settings::default(), &demand(&[(RoomComposite, 1)]), &fleet);
         assert_eq!(decision.desired, 1);
@@ -687,7 +722,10 @@ mod tests {
     #[test]
     fn starting_pods_count_as_capacity() {
         let fleet = FleetSnapshot {
-            pods: vec![Pod::new("new-1", PodState::Starting), Pod::new("new-2", PodState::Starting)],
+            pods: vec![
+                Pod::new("new-1", PodState::Starting),
+                Pod::new("new-2", PodState::Starting),
+            ],
         };
         assert_eq!(desired(&demand(&[(RoomComposite, 3)]), &fleet), 3);
         assert_eq!(desired(&demand(&[(RoomComposite, 2)]), &fleet), 2);
@@ -725,8 +763,14 @@ mod tests {
         let mut settings = Settings::default();
         settings.costs.set(RoomComposite, 2000);
         // By arithmetic 2.7 cores are free, but the pod says no to video composites.
-        assert_eq!(decide(&settings, &demand(&[(RoomComposite, 1)]), &fleet).desired, 2);
-        assert_eq!(decide(&settings, &demand(&[(Participant, 1)]), &fleet).desired, 1);
+        assert_eq!(
+            decide(&settings, &demand(&[(RoomComposite, 1)]), &fleet).desired,
+            2
+        );
+        assert_eq!(
+            decide(&settings, &demand(&[(Participant, 1)]), &fleet).desired,
+            1
+        );
     }
 
     #[test]
@@ -738,8 +782,15 @@ mod tests {
         };
         let low = decide(&settings, &Demand::default(), &FleetSnapshot::default());
         assert_eq!((low.desired, low.clamp), (2, Some(Clamp::Min)));
-        let high = decide(&settings, &demand(&[(RoomComposite, 9)]), &FleetSnapshot::default());
-        assert_eq!((high.desired, high.unclamped, high.clamp), (4, 9, Some(Clamp::Max)));
+        let high = decide(
+            &settings,
+            &demand(&[(RoomComposite, 9)]),
+            &FleetSnapshot::default(),
+        );
+        assert_eq!(
+            (high.desired, high.unclamped, high.clamp),
+            (4, 9, Some(Clamp::Max))
+        );
     }
 
     #[test]
@@ -764,7 +815,14 @@ mod tests {
         use super::*;
         use proptest::prelude::*;
 
-        const TYPES: [&str; 6] = ["room_composite", "web", "participant", "track_composite", "track", "template"];
+        const TYPES: [&str; 6] = [
+            "room_composite",
+            "web",
+            "participant",
+            "track_composite",
+            "track",
+            "template",
+        ];
 
         fn kind() -> impl Strategy<Value = EgressKind> {
             (0..EgressKind::ALL.len()).prop_map(|i| EgressKind::ALL[i])
@@ -776,16 +834,19 @@ mod tests {
 
         fn pod() -> impl Strategy<Value = Pod> {
             let state = (0..PodState::ALL.len()).prop_map(|i| PodState::ALL[i]);
-            (state, prop::collection::vec((0..TYPES.len(), 0u64..4), 0..3), prop::option::of(any::<bool>())).prop_map(
-                |(state, active, can_accept_video)| {
+            (
+                state,
+                prop::collection::vec((0..TYPES.len(), 0u64..4), 0..3),
+                prop::option::of(any::<bool>()),
+            )
+                .prop_map(|(state, active, can_accept_video)| {
                     let mut pod = Pod::new("pod", state);
                     for (t, count) in active {
                         pod = pod.with_active(TYPES[t], count);
                     }
                     pod.can_accept_video = can_accept_video;
                     pod
-                },
-            )
+                })
         }
 
         fn fleet() -> impl Strategy<Value = FleetSnapshot> {

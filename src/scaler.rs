@@ -67,12 +67,14 @@ pub fn parse_metadata(
     defaults: &Settings,
 ) -> Result<Target, MetadataError> {
     let queue = match metadata.get("queue").map(|value| value.trim()) {
-        Some(value) if !value.is_empty() => value.parse().map_err(|error: crate::queue::InvalidQueueName| {
-            MetadataError {
-                key: "queue",
-                reason: error.to_string(),
-            }
-        })?,
+        Some(value) if !value.is_empty() => {
+            value
+                .parse()
+                .map_err(|error: crate::queue::InvalidQueueName| MetadataError {
+                    key: "queue",
+                    reason: error.to_string(),
+                })?
+        }
         _ => default_queue.clone(),
     };
     let mut settings = defaults.clone();
@@ -208,7 +210,11 @@ impl ExternalScaler for ScalerService {
         let timer = self.metrics.rpc_timer(RpcMethod::IsActive);
         let result = async {
             let target = self.target(Some(request.get_ref()))?;
-            let decision = self.evaluator.evaluate(&target).await.map_err(unavailable)?;
+            let decision = self
+                .evaluator
+                .evaluate(&target)
+                .await
+                .map_err(unavailable)?;
             Ok(Response::new(IsActiveResponse {
                 result: decision.is_active(),
             }))
@@ -257,7 +263,11 @@ impl ExternalScaler for ScalerService {
         let timer = self.metrics.rpc_timer(RpcMethod::GetMetrics);
         let result = async {
             let target = self.target(request.get_ref().scaled_object_ref.as_ref())?;
-            let decision = self.evaluator.evaluate(&target).await.map_err(unavailable)?;
+            let decision = self
+                .evaluator
+                .evaluate(&target)
+                .await
+                .map_err(unavailable)?;
             Ok(Response::new(GetMetricsResponse {
                 metric_values: vec![MetricValue {
                     metric_name: target.metric_name(),
@@ -383,16 +393,27 @@ mod tests {
     use super::*;
 
     fn metadata(pairs: &[(&str, &str)]) -> HashMap<String, String> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     fn parse(pairs: &[(&str, &str)]) -> Result<Target, MetadataError> {
-        parse_metadata(&metadata(pairs), &"default".parse().unwrap(), &Settings::default())
+        parse_metadata(
+            &metadata(pairs),
+            &"default".parse().unwrap(),
+            &Settings::default(),
+        )
     }
 
     #[test]
     fn defaults_apply_and_unknown_keys_are_ignored() {
-        let target = parse(&[("scalerAddress", "egress-scaler:9090"), ("somethingElse", "x")]).unwrap();
+        let target = parse(&[
+            ("scalerAddress", "egress-scaler:9090"),
+            ("somethingElse", "x"),
+        ])
+        .unwrap();
         assert_eq!(target.queue.as_str(), "default");
         assert_eq!(target.settings, Settings::default());
         assert_eq!(target.metric_name(), "egress-replicas-default");
@@ -400,10 +421,20 @@ mod tests {
 
     #[test]
     fn overrides_apply() {
-        let target = parse(&[("queue", "rec"), ("warmPool", "2"), ("minReplicas", "1"), ("maxReplicas", "5")]).unwrap();
+        let target = parse(&[
+            ("queue", "rec"),
+            ("warmPool", "2"),
+            ("minReplicas", "1"),
+            ("maxReplicas", "5"),
+        ])
+        .unwrap();
         assert_eq!(target.queue.as_str(), "rec");
         assert_eq!(
-            (target.settings.warm_pool, target.settings.min_replicas, target.settings.max_replicas),
+            (
+                target.settings.warm_pool,
+                target.settings.min_replicas,
+                target.settings.max_replicas
+            ),
             (2, 1, 5)
         );
     }
@@ -411,9 +442,20 @@ mod tests {
     #[test]
     fn malformed_values_name_the_key() {
         assert_eq!(parse(&[("warmPool", "-1")]).unwrap_err().key, "warmPool");
-        assert_eq!(parse(&[("minReplicas", "one")]).unwrap_err().key, "minReplicas");
-        assert_eq!(parse(&[("maxReplicas", "2.5")]).unwrap_err().key, "maxReplicas");
-        assert_eq!(parse(&[("minReplicas", "3"), ("maxReplicas", "2")]).unwrap_err().key, "maxReplicas");
+        assert_eq!(
+            parse(&[("minReplicas", "one")]).unwrap_err().key,
+            "minReplicas"
+        );
+        assert_eq!(
+            parse(&[("maxReplicas", "2.5")]).unwrap_err().key,
+            "maxReplicas"
+        );
+        assert_eq!(
+            parse(&[("minReplicas", "3"), ("maxReplicas", "2")])
+                .unwrap_err()
+                .key,
+            "maxReplicas"
+        );
         assert_eq!(parse(&[("queue", "no spaces")]).unwrap_err().key, "queue");
     }
 }

@@ -43,7 +43,9 @@ impl Running {
                 match tokio::time::timeout(SHUTDOWN_GRACE, self.tasks.join_next()).await {
                     Ok(next) => next,
                     Err(_) => {
-                        tracing::warn!("Tasks did not finish within the shutdown grace; aborting them.");
+                        tracing::warn!(
+                            "Tasks did not finish within the shutdown grace; aborting them."
+                        );
                         self.tasks.abort_all();
                         break;
                     }
@@ -64,7 +66,8 @@ impl Running {
                 }
                 Some(Err(join_error)) => {
                     self.shutdown.cancel();
-                    first_error.get_or_insert(anyhow::anyhow!("a server task panicked: {join_error}"));
+                    first_error
+                        .get_or_insert(anyhow::anyhow!("a server task panicked: {join_error}"));
                 }
             }
         }
@@ -73,7 +76,10 @@ impl Running {
 }
 
 /// Connects to Redis, retrying until it answers or shutdown is requested.
-async fn connect_store(url: &str, shutdown: &CancellationToken) -> anyhow::Result<Option<QueueStore>> {
+async fn connect_store(
+    url: &str,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<Option<QueueStore>> {
     let mut delay = Duration::from_millis(200);
     loop {
         match QueueStore::connect(url, StoreOptions::default()).await {

@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use livekit_api::access_token::{AccessToken, VideoGrants};
 use serde_json::{Value, json};
-use support::{CredentialsEnvironment, NoEnvironment, TestServer, config, enqueue, http_client, redis};
+use support::{
+    CredentialsEnvironment, NoEnvironment, TestServer, config, enqueue, http_client, redis,
+};
 
 async fn depth(client: &reqwest::Client, server: &TestServer) -> u64 {
     let status: Value = client
@@ -31,9 +33,16 @@ async fn a_hundred_concurrent_identical_enqueues_make_one_ticket() {
     let server = TestServer::start(config(&redis, &[], &NoEnvironment)).await;
     let client = http_client();
     let body = json!({"kind": "room_composite", "room_name": "all-hands"});
-    let answers = futures::future::join_all((0..100).map(|_| enqueue(&client, &server, body.clone()))).await;
-    let created: Vec<_> = answers.iter().filter(|(status, _)| *status == 202).collect();
-    let duplicates: Vec<_> = answers.iter().filter(|(status, _)| *status == 200).collect();
+    let answers =
+        futures::future::join_all((0..100).map(|_| enqueue(&client, &server, body.clone()))).await;
+    let created: Vec<_> = answers
+        .iter()
+        .filter(|(status, _)| *status == 202)
+        .collect();
+    let duplicates: Vec<_> = answers
+        .iter()
+        .filter(|(status, _)| *status == 200)
+        .collect();
     assert_eq!(created.len(), 1, "{answers:?}");
     assert_eq!(duplicates.len(), 99);
     let ticket = created[0].1["ticket"].as_str().unwrap();
@@ -50,37 +59,88 @@ async fn tickets_can_be_read_and_cancelled() {
     let redis = redis();
     let server = TestServer::start(config(&redis, &[], &NoEnvironment)).await;
     let client = http_client();
-    let (status, first) = enqueue(&client, &server, json!({"kind": "room_composite", "room_name": "a"})).await;
-    assert_eq!((status, first["state"].as_str(), first["position"].as_u64()), (202, Some("queued"), Some(0)));
-    let (_, second) = enqueue(&client, &server, json!({"kind": "audio_room_composite", "room_name": "a"})).await;
-    assert_eq!(second["position"], 1, "a different kind is a different recording");
+    let (status, first) = enqueue(
+        &client,
+        &server,
+        json!({"kind": "room_composite", "room_name": "a"}),
+    )
+    .await;
+    assert_eq!(
+        (status, first["state"].as_str(), first["position"].as_u64()),
+        (202, Some("queued"), Some(0))
+    );
+    let (_, second) = enqueue(
+        &client,
+        &server,
+        json!({"kind": "audio_room_composite", "room_name": "a"}),
+    )
+    .await;
+    assert_eq!(
+        second["position"], 1,
+        "a different kind is a different recording"
+    );
 
     let id = second["ticket"].as_str().unwrap();
-    let ticket: Value = client.get(server.http(&format!("/v1/requests/{id}"))).send().await.unwrap().json().await.unwrap();
+    let ticket: Value = client
+        .get(server.http(&format!("/v1/requests/{id}")))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(ticket["state"], "queued");
     assert_eq!(ticket["kind"], "audio_room_composite");
     assert_eq!(ticket["room_name"], "a");
     assert!(ticket["enqueued_at"].as_str().unwrap().ends_with('Z'));
 
     let first_id = first["ticket"].as_str().unwrap();
-    let cancelled = client.delete(server.http(&format!("/v1/requests/{first_id}"))).send().await.unwrap();
+    let cancelled = client
+        .delete(server.http(&format!("/v1/requests/{first_id}")))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(cancelled.status().as_u16(), 200);
-    let again = client.delete(server.http(&format!("/v1/requests/{first_id}"))).send().await.unwrap();
+    let again = client
+        .delete(server.http(&format!("/v1/requests/{first_id}")))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(again.status().as_u16(), 409);
     let body: Value = again.json().await.unwrap();
     assert_eq!(body["error"], "failed_precondition");
-    let ticket: Value = client.get(server.http(&format!("/v1/requests/{id}"))).send().await.unwrap().json().await.unwrap();
+    let ticket: Value = client
+        .get(server.http(&format!("/v1/requests/{id}")))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(ticket["position"], 0, "the second moved up");
 
     // After a cancel the same recording can be asked for again.
-    let (status, third) = enqueue(&client, &server, json!({"kind": "room_composite", "room_name": "a"})).await;
+    let (status, third) = enqueue(
+        &client,
+        &server,
+        json!({"kind": "room_composite", "room_name": "a"}),
+    )
+    .await;
     assert_eq!(status, 202);
     assert_ne!(third["ticket"], first["ticket"]);
 
     for missing in ["default.00000000000000000000000000000000", "nonsense"] {
-        let answer = client.get(server.http(&format!("/v1/requests/{missing}"))).send().await.unwrap();
+        let answer = client
+            .get(server.http(&format!("/v1/requests/{missing}")))
+            .send()
+            .await
+            .unwrap();
         assert_eq!(answer.status().as_u16(), 404, "{missing}");
-        let answer = client.delete(server.http(&format!("/v1/requests/{missing}"))).send().await.unwrap();
+        let answer = client
+            .delete(server.http(&format!("/v1/requests/{missing}")))
+            .send()
+            .await
+            .unwrap();
         assert_eq!(answer.status().as_u16(), 404, "{missing}");
     }
     server.stop().await;
@@ -111,9 +171,17 @@ async fn bad_input_gets_a_precise_json_error_and_leaves_the_queue_alone() {
             .send()
             .await
             .unwrap();
-        assert_eq!(answer.status().as_u16(), expected, "{}", &body[..body.len().min(80)]);
+        assert_eq!(
+            answer.status().as_u16(),
+            expected,
+            "{}",
+            &body[..body.len().min(80)]
+        );
         let error: Value = answer.json().await.expect("errors are JSON");
-        assert!(error["message"].as_str().unwrap().contains(needle), "{needle}: {error}");
+        assert!(
+            error["message"].as_str().unwrap().contains(needle),
+            "{needle}: {error}"
+        );
     }
     assert_eq!(depth(&client, &server).await, 0);
     server.stop().await;
@@ -122,13 +190,21 @@ async fn bad_input_gets_a_precise_json_error_and_leaves_the_queue_alone() {
 #[tokio::test]
 async fn access_tokens_are_required_when_credentials_are_set() {
     let redis = redis();
-    let server = TestServer::start(config(&redis, &[], &CredentialsEnvironment("APIkey", "secret-secret-secret"))).await;
+    let server = TestServer::start(config(
+        &redis,
+        &[],
+        &CredentialsEnvironment("APIkey", "secret-secret-secret"),
+    ))
+    .await;
     let client = http_client();
     let body = json!({"kind": "room_composite", "room_name": "secure"});
     let token = |secret: &str, record: bool| {
         AccessToken::with_api_key("APIkey", secret)
             .with_ttl(Duration::from_secs(60))
-            .with_grants(VideoGrants { room_record: record, ..Default::default() })
+            .with_grants(VideoGrants {
+                room_record: record,
+                ..Default::default()
+            })
             .to_jwt()
             .unwrap()
     };
@@ -140,14 +216,76 @@ async fn access_tokens_are_required_when_credentials_are_set() {
         request.send()
     };
     assert_eq!(send(None).await.unwrap().status().as_u16(), 401);
-    assert_eq!(send(Some(format!("Bearer {}", token("wrong", true)))).await.unwrap().status().as_u16(), 401);
-    assert_eq!(send(Some(token("secret-secret-secret", true))).await.unwrap().status().as_u16(), 401, "Bearer is required");
-    assert_eq!(send(Some(format!("Bearer {}", token("secret-secret-secret", false)))).await.unwrap().status().as_u16(), 403);
-    assert_eq!(send(Some(format!("Bearer {}", token("secret-secret-secret", true)))).await.unwrap().status().as_u16(), 202);
+    assert_eq!(
+        send(Some(format!("Bearer {}", token("wrong", true))))
+            .await
+            .unwrap()
+            .status()
+            .as_u16(),
+        401
+    );
+    assert_eq!(
+        send(Some(token("secret-secret-secret", true)))
+            .await
+            .unwrap()
+            .status()
+            .as_u16(),
+        401,
+        "Bearer is required"
+    );
+    assert_eq!(
+        send(Some(format!(
+            "Bearer {}",
+            token("secret-secret-secret", false)
+        )))
+        .await
+        .unwrap()
+        .status()
+        .as_u16(),
+        403
+    );
+    assert_eq!(
+        send(Some(format!(
+            "Bearer {}",
+            token("secret-secret-secret", true)
+        )))
+        .await
+        .unwrap()
+        .status()
+        .as_u16(),
+        202
+    );
     // Health and metrics stay open for probes and Prometheus.
-    assert_eq!(client.get(server.http("/healthz")).send().await.unwrap().status().as_u16(), 200);
-    assert_eq!(client.get(server.http("/metrics")).send().await.unwrap().status().as_u16(), 200);
-    assert_eq!(client.get(server.http("/v1/status")).send().await.unwrap().status().as_u16(), 401);
+    assert_eq!(
+        client
+            .get(server.http("/healthz"))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16(),
+        200
+    );
+    assert_eq!(
+        client
+            .get(server.http("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16(),
+        200
+    );
+    assert_eq!(
+        client
+            .get(server.http("/v1/status"))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16(),
+        401
+    );
     server.stop().await;
 }
 
@@ -156,28 +294,80 @@ async fn status_and_metrics_show_depth_wait_and_desired() {
     let redis = redis();
     let server = TestServer::start(config(&redis, &["--warm-pool", "1"], &NoEnvironment)).await;
     let client = http_client();
-    enqueue(&client, &server, json!({"kind": "room_composite", "room_name": "a"})).await;
-    enqueue(&client, &server, json!({"kind": "track", "room_name": "a", "request": {"trackId": "TR_1"}})).await;
-    let status: Value = client.get(server.http("/v1/status")).send().await.unwrap().json().await.unwrap();
+    enqueue(
+        &client,
+        &server,
+        json!({"kind": "room_composite", "room_name": "a"}),
+    )
+    .await;
+    enqueue(
+        &client,
+        &server,
+        json!({"kind": "track", "room_name": "a", "request": {"trackId": "TR_1"}}),
+    )
+    .await;
+    let status: Value = client
+        .get(server.http("/v1/status"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     let queue = &status["queues"][0];
     assert_eq!(queue["queue"], "default");
     assert_eq!(queue["depth"], 2);
     assert_eq!(queue["queued_by_kind"]["room_composite"], 1);
-    assert_eq!(queue["desired_replicas"], 3, "room composite + track + warm pool: {status}");
+    assert_eq!(
+        queue["desired_replicas"], 3,
+        "room composite + track + warm pool: {status}"
+    );
     assert!(queue["oldest_wait_seconds"].as_f64().unwrap() >= 0.0);
-    assert!(queue["reasons"].as_array().unwrap().iter().any(|r| r.as_str().unwrap().contains("warm pool")));
+    assert!(
+        queue["reasons"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r.as_str().unwrap().contains("warm pool"))
+    );
     assert_eq!(status["fleet"]["healthy"], true);
 
-    let metrics = client.get(server.http("/metrics")).send().await.unwrap().text().await.unwrap();
+    // The desired replicas gauge records what the scaler answered KEDA.
+    let mut grpc = server.grpc().await;
+    grpc.get_metrics(egress_scaler::scaler::proto::GetMetricsRequest {
+        scaled_object_ref: Some(support::scaled_object(&[])),
+        metric_name: "egress-replicas-default".to_owned(),
+    })
+    .await
+    .unwrap();
+    let metrics = client
+        .get(server.http("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     for name in [
         "egress_scaler_queue_depth{queue=\"default\",kind=\"room_composite\"} 1",
         "egress_scaler_queue_oldest_age_seconds",
         "egress_scaler_desired_replicas{queue=\"default\"} 3",
         "egress_scaler_enqueue_requests_total{outcome=\"accepted\"} 2",
+        "egress_scaler_grpc_requests_total{method=\"GetMetrics\",code=\"ok\"} 1",
+        "egress_scaler_grpc_request_duration_seconds_count{method=\"GetMetrics\"} 1",
     ] {
         assert!(metrics.contains(name), "{name} missing in\n{metrics}");
     }
-    assert_eq!(client.get(server.http("/readyz")).send().await.unwrap().status().as_u16(), 200);
+    assert_eq!(
+        client
+            .get(server.http("/readyz"))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16(),
+        200
+    );
     server.stop().await;
 }
 
@@ -194,19 +384,59 @@ async fn enqueue_and_status_commands_talk_to_the_server() {
             .env_remove("LIVEKIT_API_SECRET")
             .output()
     };
-    let out = run(vec!["enqueue".into(), "--server".into(), base.clone(), "--kind".into(), "room_composite".into(), "--room".into(), "town-hall".into()]).await.unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = run(vec![
+        "enqueue".into(),
+        "--server".into(),
+        base.clone(),
+        "--kind".into(),
+        "room_composite".into(),
+        "--room".into(),
+        "town-hall".into(),
+    ])
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.starts_with("ticket default."), "{text}");
     assert!(text.contains("queued, position 0"), "{text}");
-    let out = run(vec!["enqueue".into(), "--server".into(), base.clone(), "--kind".into(), "room_composite".into(), "--room".into(), "town-hall".into()]).await.unwrap();
+    let out = run(vec![
+        "enqueue".into(),
+        "--server".into(),
+        base.clone(),
+        "--kind".into(),
+        "room_composite".into(),
+        "--room".into(),
+        "town-hall".into(),
+    ])
+    .await
+    .unwrap();
     assert!(String::from_utf8_lossy(&out.stdout).contains("duplicate"));
-    let out = run(vec!["enqueue".into(), "--server".into(), base.clone(), "--kind".into(), "track".into(), "--room".into(), "x".into()]).await.unwrap();
+    let out = run(vec![
+        "enqueue".into(),
+        "--server".into(),
+        base.clone(),
+        "--kind".into(),
+        "track".into(),
+        "--room".into(),
+        "x".into(),
+    ])
+    .await
+    .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("track_id"));
 
-    let out = run(vec!["status".into(), "--server".into(), base.clone()]).await.unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = run(vec!["status".into(), "--server".into(), base.clone()])
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let table = String::from_utf8_lossy(&out.stdout);
     assert!(table.contains("DESIRED"), "{table}");
     assert!(table.contains("room_composite=1"), "{table}");

@@ -19,13 +19,20 @@ async fn desired(server: &TestServer, metadata: &[(&str, &str)]) -> Result<i64, 
         .await?
         .into_inner();
     let value = &answer.metric_values[0];
-    assert_eq!(value.metric_value as f64, value.metric_value_float, "int and float agree");
+    assert_eq!(
+        value.metric_value as f64, value.metric_value_float,
+        "int and float agree"
+    );
     Ok(value.metric_value)
 }
 
 async fn is_active(server: &TestServer, metadata: &[(&str, &str)]) -> Result<bool, tonic::Status> {
     let mut client = server.grpc().await;
-    Ok(client.is_active(scaled_object(metadata)).await?.into_inner().result)
+    Ok(client
+        .is_active(scaled_object(metadata))
+        .await?
+        .into_inner()
+        .result)
 }
 
 #[tokio::test]
@@ -34,7 +41,10 @@ async fn metric_spec_names_the_queue_with_target_one() {
     let server = TestServer::start(config(&redis, &[], &NoEnvironment)).await;
     let mut client = server.grpc().await;
     let spec = client
-        .get_metric_spec(scaled_object(&[("scalerAddress", "egress-scaler:9090"), ("queue", "rec")]))
+        .get_metric_spec(scaled_object(&[
+            ("scalerAddress", "egress-scaler:9090"),
+            ("queue", "rec"),
+        ]))
         .await
         .unwrap()
         .into_inner();
@@ -54,7 +64,12 @@ async fn desired_replicas_follow_the_queue_from_zero() {
     assert!(!is_active(&server, &[]).await.unwrap());
 
     for room in ["a", "b", "c"] {
-        let (status, _) = enqueue(&http, &server, json!({"kind": "room_composite", "room_name": room})).await;
+        let (status, _) = enqueue(
+            &http,
+            &server,
+            json!({"kind": "room_composite", "room_name": room}),
+        )
+        .await;
         assert_eq!(status, 202);
     }
     assert_eq!(desired(&server, &[]).await.unwrap(), 3);
@@ -66,9 +81,23 @@ async fn desired_replicas_follow_the_queue_from_zero() {
     }
     assert_eq!(desired(&server, &[("queue", "tracks")]).await.unwrap(), 3);
     // The trigger's overrides apply to its own answer only.
-    assert_eq!(desired(&server, &[("queue", "tracks"), ("maxReplicas", "2")]).await.unwrap(), 2);
-    assert_eq!(desired(&server, &[("queue", "empty"), ("warmPool", "1")]).await.unwrap(), 1);
-    assert!(is_active(&server, &[("queue", "empty"), ("warmPool", "1")]).await.unwrap());
+    assert_eq!(
+        desired(&server, &[("queue", "tracks"), ("maxReplicas", "2")])
+            .await
+            .unwrap(),
+        2
+    );
+    assert_eq!(
+        desired(&server, &[("queue", "empty"), ("warmPool", "1")])
+            .await
+            .unwrap(),
+        1
+    );
+    assert!(
+        is_active(&server, &[("queue", "empty"), ("warmPool", "1")])
+            .await
+            .unwrap()
+    );
     server.stop().await;
 }
 
@@ -76,7 +105,12 @@ async fn desired_replicas_follow_the_queue_from_zero() {
 async fn malformed_metadata_is_invalid_argument_naming_the_key() {
     let redis = redis();
     let server = TestServer::start(config(&redis, &[], &NoEnvironment)).await;
-    for (key, value) in [("warmPool", "x"), ("minReplicas", "-2"), ("maxReplicas", "1.5"), ("queue", "a/b")] {
+    for (key, value) in [
+        ("warmPool", "x"),
+        ("minReplicas", "-2"),
+        ("maxReplicas", "1.5"),
+        ("queue", "a/b"),
+    ] {
         let error = desired(&server, &[(key, value)]).await.unwrap_err();
         assert_eq!(error.code(), Code::InvalidArgument, "{key}");
         assert!(error.message().contains(key), "{key}: {}", error.message());
@@ -98,10 +132,19 @@ async fn push_stream_turns_active_right_after_an_enqueue() {
         .unwrap()
         .into_inner();
     // Nothing is queued: the stream stays silent.
-    assert!(tokio::time::timeout(Duration::from_millis(300), stream.message()).await.is_err());
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), stream.message())
+            .await
+            .is_err()
+    );
 
     let started = Instant::now();
-    let (status, _) = enqueue(&http, &server, json!({"kind": "room_composite", "room_name": "x", "queue": "push"})).await;
+    let (status, _) = enqueue(
+        &http,
+        &server,
+        json!({"kind": "room_composite", "room_name": "x", "queue": "push"}),
+    )
+    .await;
     assert_eq!(status, 202);
     let message = tokio::time::timeout(Duration::from_secs(2), stream.message())
         .await
@@ -110,11 +153,24 @@ async fn push_stream_turns_active_right_after_an_enqueue() {
         .expect("stream open");
     assert!(message.result);
     // Pub/sub wakes the stream; the 1 s safety recheck would be far slower.
-    assert!(started.elapsed() < Duration::from_millis(500), "took {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_millis(500),
+        "took {:?}",
+        started.elapsed()
+    );
 
     // Only the edge is sent: another enqueue while active sends nothing.
-    enqueue(&http, &server, json!({"kind": "room_composite", "room_name": "y", "queue": "push"})).await;
-    assert!(tokio::time::timeout(Duration::from_millis(300), stream.message()).await.is_err());
+    enqueue(
+        &http,
+        &server,
+        json!({"kind": "room_composite", "room_name": "y", "queue": "push"}),
+    )
+    .await;
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), stream.message())
+            .await
+            .is_err()
+    );
 
     // Shutdown ends the stream with status OK (KEDA then resets its backoff).
     server.shutdown.cancel();
@@ -138,7 +194,9 @@ async fn stream_metric_spec_sends_the_spec_then_ends_ok_on_shutdown() {
     let first = stream.message().await.unwrap().unwrap();
     assert_eq!(first.metric_specs[0].metric_name, "egress-replicas-q1");
     server.shutdown.cancel();
-    let end = tokio::time::timeout(Duration::from_secs(5), stream.message()).await.unwrap();
+    let end = tokio::time::timeout(Duration::from_secs(5), stream.message())
+        .await
+        .unwrap();
     assert!(matches!(end, Ok(None)), "{end:?}");
     server.stop().await;
 }
@@ -148,7 +206,12 @@ async fn redis_outage_is_unavailable_never_zero_and_recovers() {
     let mut redis = redis();
     let server = TestServer::start(config(&redis, &[], &NoEnvironment)).await;
     let http = http_client();
-    enqueue(&http, &server, json!({"kind": "room_composite", "room_name": "a"})).await;
+    enqueue(
+        &http,
+        &server,
+        json!({"kind": "room_composite", "room_name": "a"}),
+    )
+    .await;
     assert_eq!(desired(&server, &[]).await.unwrap(), 1);
 
     redis.stop();
@@ -156,8 +219,15 @@ async fn redis_outage_is_unavailable_never_zero_and_recovers() {
     let error = desired(&server, &[]).await.unwrap_err();
     assert_eq!(error.code(), Code::Unavailable);
     // KEDA's metrics server gives a call 3 s.
-    assert!(started.elapsed() < Duration::from_secs(3), "took {:?}", started.elapsed());
-    assert_eq!(is_active(&server, &[]).await.unwrap_err().code(), Code::Unavailable);
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert_eq!(
+        is_active(&server, &[]).await.unwrap_err().code(),
+        Code::Unavailable
+    );
     let ready = http.get(server.http("/readyz")).send().await.unwrap();
     assert_eq!(ready.status().as_u16(), 503);
 
@@ -178,7 +248,12 @@ async fn redis_outage_is_unavailable_never_zero_and_recovers() {
             Err(status) => panic!("did not recover: {status:?}"),
         }
     }
-    let (status, _) = enqueue(&http, &server, json!({"kind": "track", "room_name": "b", "request": {"trackId": "TR_b"}})).await;
+    let (status, _) = enqueue(
+        &http,
+        &server,
+        json!({"kind": "track", "room_name": "b", "request": {"trackId": "TR_b"}}),
+    )
+    .await;
     assert_eq!(status, 202);
     assert_eq!(desired(&server, &[]).await.unwrap(), 1);
     server.stop().await;
@@ -200,7 +275,12 @@ async fn push_stream_survives_a_redis_restart() {
     redis.start_again().expect("redis restarts");
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let (status, _) = enqueue(&http, &server, json!({"kind": "room_composite", "room_name": "after"})).await;
+        let (status, _) = enqueue(
+            &http,
+            &server,
+            json!({"kind": "room_composite", "room_name": "after"}),
+        )
+        .await;
         if status == 202 || status == 200 {
             break;
         }
@@ -222,7 +302,12 @@ async fn grpc_health_reports_serving() {
     use tonic_health::pb::health_client::HealthClient;
     let redis = redis();
     let server = TestServer::start(config(&redis, &[], &NoEnvironment)).await;
-    let mut health = HealthClient::connect(format!("http://{}", server.grpc_addr)).await.unwrap();
+    let channel = tonic::transport::Channel::from_shared(format!("http://{}", server.grpc_addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut health = HealthClient::new(channel);
     let answer = health
         .check(HealthCheckRequest {
             service: "externalscaler.ExternalScaler".to_owned(),

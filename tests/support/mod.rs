@@ -42,9 +42,18 @@ pub fn init() {
 pub fn config(redis: &RedisServer, flags: &[&str], env: &dyn Environment) -> ServeConfig {
     use clap::Parser;
     let cli = Cli::try_parse_from(
-        ["egress-scaler", "serve", "--grpc-listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0", "--redis-url", &redis.url()]
-            .into_iter()
-            .chain(flags.iter().copied()),
+        [
+            "egress-scaler",
+            "serve",
+            "--grpc-listen",
+            "127.0.0.1:0",
+            "--http-listen",
+            "127.0.0.1:0",
+            "--redis-url",
+            &redis.url(),
+        ]
+        .into_iter()
+        .chain(flags.iter().copied()),
     )
     .expect("test flags parse");
     let Command::Serve(args) = cli.command else {
@@ -127,7 +136,11 @@ pub fn http_client() -> reqwest::Client {
 }
 
 /// Enqueues through the HTTP API and returns (status, body).
-pub async fn enqueue(client: &reqwest::Client, server: &TestServer, body: serde_json::Value) -> (u16, serde_json::Value) {
+pub async fn enqueue(
+    client: &reqwest::Client,
+    server: &TestServer,
+    body: serde_json::Value,
+) -> (u16, serde_json::Value) {
     let response = client
         .post(server.http("/v1/requests"))
         .json(&body)
@@ -140,5 +153,6 @@ pub async fn enqueue(client: &reqwest::Client, server: &TestServer, body: serde_
 
 /// Starts a fresh Redis for a test.
 pub fn redis() -> RedisServer {
-    RedisServer::start().expect("redis-server starts (install it with apt-get install redis-server)")
+    RedisServer::start()
+        .expect("redis-server starts (install it with apt-get install redis-server)")
 }
