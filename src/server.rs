@@ -6,11 +6,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use axum::serve::ListenerExt;
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio::sync::broadcast;
 use tokio::task::JoinSet;
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::ServeConfig;
@@ -163,12 +163,16 @@ pub async fn start(config: ServeConfig, shutdown: CancellationToken) -> anyhow::
         .await;
     {
         let token = shutdown.clone();
+        // Small stream messages must not wait for a delayed ACK (Nagle): activation is latency.
+        let grpc_incoming = tonic::transport::server::TcpIncoming::from(grpc_listener)
+            .with_nodelay(Some(true))
+            .with_keepalive(Some(Duration::from_secs(60)));
         tasks.spawn(async move {
             let drained = token.clone();
             tonic::transport::Server::builder()
                 .add_service(health_service)
                 .add_service(ExternalScalerServer::new(scaler))
-                .serve_with_incoming_shutdown(TcpListenerStream::new(grpc_listener), async move {
+                .serve_with_incoming_shutdown(grpc_incoming, async move {
                     drained.cancelled().await;
                     health
                         .set_not_serving::<ExternalScalerServer<ScalerService>>()
@@ -191,7 +195,10 @@ pub async fn start(config: ServeConfig, shutdown: CancellationToken) -> anyhow::
     {
         let token = shutdown.clone();
         tasks.spawn(async move {
-            axum::serve(http_listener, intake::router(state))
+            let listener = http_listener.tap_io(|tcp| {
+                let _ = tcp.set_nodelay(true);
+            });
+            axum::serve(listener, intake::router(state))
                 .with_graceful_shutdown(token.cancelled_owned())
                 .await
                 .context("HTTP server failed")
