@@ -771,3 +771,28 @@ fn bad_options_are_refused() {
     );
     assert!(result.is_err());
 }
+
+#[tokio::test]
+async fn a_body_announced_larger_than_the_limit_is_not_read() {
+    // The stand-in's normal answer carries a Content-Length of about 2 KB.
+    let pod = EgressPodStandIn::start().await.unwrap();
+    let options = FleetOptions {
+        max_body_bytes: 500,
+        ..options()
+    };
+    let mut observed = observe_with(urls(&[&pod]), options, Settings::default());
+    observed.observer.refresh_once().await;
+    let view = observed.fleet.view();
+    assert_eq!(view.pods[0].state, PodState::Starting);
+    assert!(
+        view.pods[0]
+            .last_error
+            .as_deref()
+            .unwrap()
+            .contains("larger than 500")
+    );
+    assert!(
+        metrics_text(&observed.registry)
+            .contains("egress_scaler_fleet_scrape_errors_total{reason=\"too_large\"} 1")
+    );
+}

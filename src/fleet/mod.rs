@@ -685,7 +685,13 @@ impl FleetObserver {
                 current.insert(address, url);
             }
         }
-        self.pods.retain(|address, _| current.contains_key(address));
+        self.pods.retain(|address, _| {
+            let listed = current.contains_key(address);
+            if !listed {
+                tracing::info!(pod = %address, "Egress pod gone from the DNS records.");
+            }
+            listed
+        });
         for (address, url) in current {
             self.pods
                 .entry(address.clone())
@@ -711,12 +717,16 @@ impl FleetObserver {
         };
         let now = Instant::now();
         self.pods.retain(|key, tracked| {
-            fleet.pods.contains_key(key)
+            let kept = fleet.pods.contains_key(key)
                 || tracked
                     .instance
                     .as_ref()
                     .and_then(|instance| fleet.targets_up.get(instance))
-                    == Some(&false)
+                    == Some(&false);
+            if !kept {
+                tracing::info!(pod = %tracked.address, "Egress pod gone from Prometheus targets.");
+            }
+            kept
         });
         for tracked in self.pods.values_mut() {
             tracked.failed("prometheus: target down (up == 0)".to_owned(), now);
