@@ -5,13 +5,14 @@
 //! - [`intake`]: the HTTP API (enqueue, lookup, cancel, status, metrics, health).
 //! - [`egress_request`]: the LiveKit start request of a ticket, validated per kind.
 //! - [`queue`]: the Redis FIFO of egress requests with de-duplication and demand counters.
-//! - [`fleet`]: the egress pods, observed from their metrics into a snapshot.
+//! - [`fleet`]: background observer of the egress pods' metrics: the snapshot the model reads.
 //! - [`model`]: the replica model, pure: demand + fleet snapshot + settings -> decision.
 //! - [`scaler`]: the KEDA external scaler gRPC service over the model.
 //! - [`telemetry`]: the metrics registry and logging.
 //! - [`server`]: `serve`, wiring the above with one shutdown token.
-//! - [`redis_server`]: a real `redis-server` child process for tests, benchmarks and the demo.
 //! - [`cli`]: the subcommands, `enqueue` and `status` as clients of the HTTP API.
+//! - [`redis_server`]: a real `redis-server` child process for tests, benchmarks and the demo.
+//! - [`standin`]: HTTP stand-ins for egress pods and Prometheus, for tests, benches and `demo`.
 #![forbid(unsafe_code)]
 
 pub mod cli;
@@ -24,4 +25,5 @@ pub mod queue;
 pub mod redis_server;
 pub mod scaler;
 pub mod server;
+pub mod standin;
 pub mod telemetry;

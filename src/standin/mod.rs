@@ -1,0 +1,13 @@
+//! Stand-ins for the systems around egress-scaler, for tests, benchmarks and the `demo`
+//! command. They follow the facts of DESIGN.md 2 but are not the real thing: no recording
+//! happens anywhere in here.
+//!
+//! - [`egress_pod`]: an egress pod's metrics endpoint, switchable between idle, busy,
+//!   terminating, disabled, slow, garbage, oversized and down.
+//! - [`prometheus_api`]: a Prometheus server's `/api/v1/query` over stand-in egress pods.
+
+pub mod egress_pod;
+pub mod prometheus_api;
+
+pub use egress_pod::{BodyMode, EgressPodStandIn, StandInSample};
+pub use prometheus_api::{PrometheusFailure, PrometheusStandIn};
