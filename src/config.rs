@@ -11,7 +11,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde::Deserialize;
 
-use crate::fleet::{FleetOptions, FleetSource};
+use crate::fleet::{FleetConfigError, FleetOptions, FleetSource};
 use crate::model::{EgressKind, Settings, cores_to_millicores};
 use crate::queue::QueueName;
 
@@ -303,6 +303,12 @@ impl ServeArgs {
         if let Some(seconds) = self.fleet_stale_seconds.or(file.fleet_stale_seconds) {
             fleet_options.stale_after = positive_seconds("--fleet-stale-seconds", seconds)?;
         }
+        if fleet_options.stale_after < fleet_options.refresh_interval {
+            return Err(invalid(
+                "--fleet-stale-seconds",
+                "must be at least --fleet-refresh-seconds",
+            ));
+        }
 
         let mut settings = Settings::default();
         if let Some(cores) = self.pod_cpu.or(file.pod_cpu) {
@@ -446,55 +452,21 @@ fn fleet_source(
     egress_dns: Option<String>,
     prometheus_url: Option<String>,
 ) -> Result<FleetSource, ConfigError> {
-    let chosen = usize::from(!egress_metrics.is_empty())
-        + usize::from(egress_dns.is_some())
-        + usize::from(prometheus_url.is_some());
-    if chosen > 1 {
-        return Err(invalid(
-            "--egress-metrics",
-            "choose one fleet source: --egress-metrics, --egress-dns or --prometheus-url",
-        ));
-    }
-    if !egress_metrics.is_empty() {
-        for url in &egress_metrics {
-            if !(url.starts_with("http://") || url.starts_with("https://")) {
-                return Err(invalid(
-                    "--egress-metrics",
-                    format!("{url:?} must be an http:// or https:// URL"),
-                ));
+    FleetSource::from_flags(
+        &egress_metrics,
+        egress_dns.as_deref(),
+        prometheus_url.as_deref(),
+    )
+    .map_err(|error| {
+        let setting = match &error {
+            FleetConfigError::InvalidUrl { flag, .. } => flag,
+            FleetConfigError::InvalidDns(_) => "--egress-dns",
+            FleetConfigError::ConflictingSources | FleetConfigError::InvalidOption { .. } => {
+                "--egress-metrics"
             }
-        }
-        return Ok(FleetSource::Static(egress_metrics));
-    }
-    if let Some(target) = egress_dns {
-        let (host, port) = target
-            .rsplit_once(':')
-            .ok_or_else(|| invalid("--egress-dns", format!("{target:?} is not HOST:PORT")))?;
-        let port: u16 = port.parse().ok().filter(|port| *port > 0).ok_or_else(|| {
-            invalid(
-                "--egress-dns",
-                format!("{target:?}: {port:?} is not a port"),
-            )
-        })?;
-        let host = host.trim_start_matches('[').trim_end_matches(']');
-        if host.is_empty() {
-            return Err(invalid("--egress-dns", format!("{target:?} has no host")));
-        }
-        return Ok(FleetSource::Dns {
-            host: host.to_owned(),
-            port,
-        });
-    }
-    if let Some(url) = prometheus_url {
-        if !(url.starts_with("http://") || url.starts_with("https://")) {
-            return Err(invalid(
-                "--prometheus-url",
-                format!("{url:?} must be an http:// or https:// URL"),
-            ));
-        }
-        return Ok(FleetSource::Prometheus { url });
-    }
-    Ok(FleetSource::None)
+        };
+        invalid(setting, error.to_string())
+    })
 }
 
 #[cfg(test)]

@@ -452,25 +452,16 @@ fn fleet_status(fleet: &Fleet) -> (FleetStatus, Option<Arc<FleetView>>) {
         Ok(view) => (view, None),
         Err(error) => (fleet.view(), Some(error.to_string())),
     };
-    let mut pods_by_state: BTreeMap<String, u64> = PodState::ALL
+    let pods_by_state = PodState::ALL
         .iter()
-        .map(|state| (state.as_str().to_owned(), 0))
+        .map(|state| (state.as_str().to_owned(), view.count(*state) as u64))
         .collect();
-    let mut free = 0.0;
-    for pod in &view.pods {
-        *pods_by_state
-            .entry(pod.state.as_str().to_owned())
-            .or_default() += 1;
-        if pod.state == PodState::Ready {
-            free += pod.free_cpu_cores.max(0.0);
-        }
-    }
     let status = FleetStatus {
         healthy: error.is_none(),
         error: error.clone(),
         snapshot_age_seconds: view.age().as_secs_f64(),
         pods_by_state,
-        free_cpu_cores: free,
+        free_cpu_cores: view.free_cpu_cores(),
         pods: view
             .pods
             .iter()

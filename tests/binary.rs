@@ -11,7 +11,11 @@ use egress_scaler::scaler::proto::external_scaler_client::ExternalScalerClient;
 const BINARY: &str = env!("CARGO_BIN_EXE_egress-scaler");
 
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 #[test]
@@ -20,7 +24,10 @@ fn a_bad_setting_exits_with_one_line_naming_it_before_binding() {
     for (args, setting) in [
         (vec!["--cost", "video=4"], "--cost"),
         (vec!["--max-cpu-utilization", "0"], "--max-cpu-utilization"),
-        (vec!["--min-replicas", "3", "--max-replicas", "1"], "--max-replicas"),
+        (
+            vec!["--min-replicas", "3", "--max-replicas", "1"],
+            "--max-replicas",
+        ),
     ] {
         let output = Command::new(BINARY)
             .arg("serve")
@@ -58,7 +65,9 @@ async fn sigterm_ends_streams_with_ok_and_exits_cleanly() {
     let mut client = loop {
         match ExternalScalerClient::connect(format!("http://127.0.0.1:{grpc}")).await {
             Ok(client) => break client,
-            Err(_) if Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(50)).await,
+            Err(_) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await
+            }
             Err(error) => panic!("server did not start: {error}"),
         }
     };
@@ -69,7 +78,13 @@ async fn sigterm_ends_streams_with_ok_and_exits_cleanly() {
         .into_inner();
 
     let pid = child.id().unwrap().to_string();
-    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
     let end = tokio::time::timeout(Duration::from_secs(5), stream.message())
         .await
         .expect("the stream ends on SIGTERM");
