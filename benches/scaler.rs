@@ -6,6 +6,8 @@
 //! - Enqueue throughput through the HTTP API with de-duplication on (the load generator is
 //!   this process, on the same 2-core machine as the server and Redis).
 //! - Activation latency: enqueue -> `StreamIsActive` sends true.
+//! - GetMetrics while the fleet refreshes: two more servers observe the same 200 stand-in
+//!   egress pods, one refreshing every 0.5 s, one that refreshed once; calls alternate.
 
 use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
@@ -25,6 +27,7 @@ const LATENCY_ROUNDS: usize = 3_000;
 const ENQUEUE_REQUESTS: u64 = 20_000;
 const ENQUEUE_CONCURRENCY: u64 = 64;
 const ACTIVATIONS: usize = 200;
+const FLEET_PODS: usize = 200;
 
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -35,6 +38,52 @@ fn free_port() -> u16 {
 }
 
 struct Server(Child);
+
+fn spawn_server(redis_url: &str, extra: &[String]) -> anyhow::Result<(Server, u16, u16)> {
+    let (grpc_port, http_port) = (free_port(), free_port());
+    let child = Command::new(env!("CARGO_BIN_EXE_egress-scaler"))
+        .args([
+            "serve",
+            "--redis-url",
+            redis_url,
+            "--grpc-listen",
+            &format!("127.0.0.1:{grpc_port}"),
+            "--http-listen",
+            &format!("127.0.0.1:{http_port}"),
+        ])
+        .args(extra)
+        .env("RUST_LOG", "warn")
+        .env_remove("LIVEKIT_API_KEY")
+        .env_remove("LIVEKIT_API_SECRET")
+        .stdout(Stdio::null())
+        .spawn()?;
+    Ok((Server(child), grpc_port, http_port))
+}
+
+async fn wait_ready(http: &reqwest::Client, http_port: u16) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !matches!(http.get(format!("http://127.0.0.1:{http_port}/readyz")).send().await, Ok(r) if r.status().is_success())
+    {
+        anyhow::ensure!(Instant::now() < deadline, "the server did not become ready");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(())
+}
+
+async fn get_metrics(
+    client: &mut ExternalScalerClient<tonic::transport::Channel>,
+    queue: &str,
+) -> anyhow::Result<(Duration, i64)> {
+    let started = Instant::now();
+    let answer = client
+        .get_metrics(GetMetricsRequest {
+            scaled_object_ref: Some(scaled_object(queue)),
+            metric_name: format!("egress-replicas-{queue}"),
+        })
+        .await?
+        .into_inner();
+    Ok((started.elapsed(), answer.metric_values[0].metric_value))
+}
 
 impl Drop for Server {
     fn drop(&mut self) {
@@ -80,34 +129,12 @@ fn main() -> anyhow::Result<()> {
 
 async fn run() -> anyhow::Result<()> {
     let redis = RedisServer::start()?;
-    let (grpc_port, http_port) = (free_port(), free_port());
-    let _server = Server(
-        Command::new(env!("CARGO_BIN_EXE_egress-scaler"))
-            .args([
-                "serve",
-                "--redis-url",
-                &redis.url(),
-                "--grpc-listen",
-                &format!("127.0.0.1:{grpc_port}"),
-                "--http-listen",
-                &format!("127.0.0.1:{http_port}"),
-            ])
-            .env("RUST_LOG", "warn")
-            .env_remove("LIVEKIT_API_KEY")
-            .env_remove("LIVEKIT_API_SECRET")
-            .stdout(Stdio::null())
-            .spawn()?,
-    );
+    let (_server, grpc_port, http_port) = spawn_server(&redis.url(), &[])?;
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(256)
         .build()?;
     let base = format!("http://127.0.0.1:{http_port}");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !matches!(http.get(format!("{base}/readyz")).send().await, Ok(r) if r.status().is_success())
-    {
-        anyhow::ensure!(Instant::now() < deadline, "the server did not become ready");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_ready(&http, http_port).await?;
 
     // Fill the queue directly through the store (the HTTP path is measured separately).
     let store = QueueStore::connect(&redis.url(), StoreOptions::default()).await?;
@@ -162,16 +189,8 @@ async fn run() -> anyhow::Result<()> {
     let mut ping_samples = Vec::with_capacity(LATENCY_ROUNDS);
     let mut desired = 0;
     for round in 0..LATENCY_ROUNDS + 200 {
-        let started = Instant::now();
-        let answer = grpc
-            .get_metrics(GetMetricsRequest {
-                scaled_object_ref: Some(scaled_object("bench")),
-                metric_name: "egress-replicas-bench".into(),
-            })
-            .await?
-            .into_inner();
-        let metrics_time = started.elapsed();
-        desired = answer.metric_values[0].metric_value;
+        let (metrics_time, answer) = get_metrics(&mut grpc, "bench").await?;
+        desired = answer;
         let started = Instant::now();
         let _: String = redis::cmd("PING").query_async(&mut ping).await?;
         let ping_time = started.elapsed();
@@ -240,6 +259,66 @@ async fn run() -> anyhow::Result<()> {
         activation_samples.push(started.elapsed());
     }
 
+    // GetMetrics while the fleet refreshes, next to the same fleet not refreshing.
+    let mut pods = Vec::with_capacity(FLEET_PODS);
+    for i in 0..FLEET_PODS {
+        let pod = egress_scaler::standin::EgressPodStandIn::start().await?;
+        if i % 2 == 1 {
+            pod.set_busy(&[("room_composite", 1)]);
+        }
+        pods.push(pod);
+    }
+    let urls = pods
+        .iter()
+        .map(|pod| pod.metrics_url())
+        .collect::<Vec<_>>()
+        .join(",");
+    let fleet_flags = |refresh: &str| -> Vec<String> {
+        [
+            "--egress-metrics",
+            &urls,
+            "--fleet-refresh-seconds",
+            refresh,
+            "--fleet-stale-seconds",
+            "3600",
+        ]
+        .map(str::to_owned)
+        .to_vec()
+    };
+    let (_refreshing, refreshing_grpc, refreshing_http) =
+        spawn_server(&redis.url(), &fleet_flags("0.5"))?;
+    let (_still, still_grpc, still_http) = spawn_server(&redis.url(), &fleet_flags("3000"))?;
+    wait_ready(&http, refreshing_http).await?;
+    wait_ready(&http, still_http).await?;
+    let mut refreshing =
+        ExternalScalerClient::connect(format!("http://127.0.0.1:{refreshing_grpc}")).await?;
+    let mut still = ExternalScalerClient::connect(format!("http://127.0.0.1:{still_grpc}")).await?;
+    // Wait for both first snapshots.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while get_metrics(&mut refreshing, "bench").await.is_err()
+        || get_metrics(&mut still, "bench").await.is_err()
+    {
+        anyhow::ensure!(Instant::now() < deadline, "no fleet snapshot");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let scrapes_before: u64 = pods.iter().map(|pod| pod.scrapes()).sum();
+    let mut refreshing_samples = Vec::with_capacity(LATENCY_ROUNDS);
+    let mut still_samples = Vec::with_capacity(LATENCY_ROUNDS);
+    let fleet_started = Instant::now();
+    let mut fleet_desired = (0, 0);
+    for _ in 0..LATENCY_ROUNDS {
+        let (time, value) = get_metrics(&mut refreshing, "bench").await?;
+        refreshing_samples.push(time);
+        fleet_desired.0 = value;
+        let (time, value) = get_metrics(&mut still, "bench").await?;
+        still_samples.push(time);
+        fleet_desired.1 = value;
+        // Spread the calls over several refreshes.
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let fleet_elapsed = fleet_started.elapsed();
+    let scrapes = pods.iter().map(|pod| pod.scrapes()).sum::<u64>() - scrapes_before;
+
     let metrics_p50 = percentile(&mut metrics_samples, 0.5);
     let metrics_p99 = percentile(&mut metrics_samples, 0.99);
     let ping_p50 = percentile(&mut ping_samples, 0.5);
@@ -274,6 +353,35 @@ async fn run() -> anyhow::Result<()> {
         "| activation: enqueue -> StreamIsActive true ({ACTIVATIONS} rounds) | {} | {} | p99 < 50 ms |",
         ms(percentile(&mut activation_samples, 0.5)),
         ms(percentile(&mut activation_samples, 0.99))
+    );
+    let (refresh_p50, refresh_p99) = (
+        percentile(&mut refreshing_samples, 0.5),
+        percentile(&mut refreshing_samples, 0.99),
+    );
+    let (still_p50, still_p99) = (
+        percentile(&mut still_samples, 0.5),
+        percentile(&mut still_samples, 0.99),
+    );
+    println!(
+        "| GetMetrics, {FLEET_PODS} pods, fleet refreshing every 0.5 s ({} scrapes in {:.1} s) | {} | {} | unchanged |",
+        scrapes,
+        fleet_elapsed.as_secs_f64(),
+        ms(refresh_p50),
+        ms(refresh_p99)
+    );
+    println!(
+        "| GetMetrics, same {FLEET_PODS} pods, no refresh running | {} | {} | |",
+        ms(still_p50),
+        ms(still_p99)
+    );
+    println!(
+        "| ratio refreshing / not refreshing | {:.2}x | {:.2}x | ~1x |",
+        refresh_p50.as_secs_f64() / still_p50.as_secs_f64(),
+        refresh_p99.as_secs_f64() / still_p99.as_secs_f64()
+    );
+    println!(
+        "(desired with the fleet: {} and {})",
+        fleet_desired.0, fleet_desired.1
     );
     println!();
     println!(
