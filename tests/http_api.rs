@@ -10,6 +10,10 @@ use support::{
     CredentialsEnvironment, NoEnvironment, TestServer, config, enqueue, http_client, redis,
 };
 
+async fn status_of(client: &reqwest::Client, url: String) -> u16 {
+    client.get(url).send().await.unwrap().status().as_u16()
+}
+
 async fn depth(client: &reqwest::Client, server: &TestServer) -> u64 {
     let status: Value = client
         .get(server.http("/v1/status"))
@@ -256,36 +260,9 @@ async fn access_tokens_are_required_when_credentials_are_set() {
         202
     );
     // Health and metrics stay open for probes and Prometheus.
-    assert_eq!(
-        client
-            .get(server.http("/healthz"))
-            .send()
-            .await
-            .unwrap()
-            .status()
-            .as_u16(),
-        200
-    );
-    assert_eq!(
-        client
-            .get(server.http("/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .status()
-            .as_u16(),
-        200
-    );
-    assert_eq!(
-        client
-            .get(server.http("/v1/status"))
-            .send()
-            .await
-            .unwrap()
-            .status()
-            .as_u16(),
-        401
-    );
+    assert_eq!(status_of(&client, server.http("/healthz")).await, 200);
+    assert_eq!(status_of(&client, server.http("/metrics")).await, 200);
+    assert_eq!(status_of(&client, server.http("/v1/status")).await, 401);
     server.stop().await;
 }
 
@@ -358,16 +335,7 @@ async fn status_and_metrics_show_depth_wait_and_desired() {
     ] {
         assert!(metrics.contains(name), "{name} missing in\n{metrics}");
     }
-    assert_eq!(
-        client
-            .get(server.http("/readyz"))
-            .send()
-            .await
-            .unwrap()
-            .status()
-            .as_u16(),
-        200
-    );
+    assert_eq!(status_of(&client, server.http("/readyz")).await, 200);
     server.stop().await;
 }
 
