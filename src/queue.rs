@@ -4,6 +4,25 @@
 //! first and changes nothing when the state is wrong, and every key of queue `q` starts with
 //! `egress-scaler:{q}:` so that all of them live in one Redis Cluster slot.
 //!
+//! # Single Redis or Redis Cluster
+//!
+//! The URL names one node, and [`QueueStore::connect`] asks it `INFO cluster`. With
+//! `cluster_enabled:1` the store uses the redis crate's async cluster client, seeded with
+//! that node and every node its `CLUSTER SLOTS` names (so that a new connection finds the
+//! cluster without the URL's node); otherwise it keeps one connection to that node, as
+//! before. The server says what it is: no URL scheme or setting of our own, a one-node
+//! cluster works, and a Redis that renames or denies INFO is taken for a single node.
+//! Decided once, at connect time.
+//!
+//! In cluster mode every command goes to the node of its key's slot, and a script to the
+//! node of its first key (`EVALSHA`; on `NOSCRIPT`, `SCRIPT LOAD` on every node, then
+//! `EVALSHA` again); the keys a script builds share the queue's hash tag, hence its slot.
+//! `egress-scaler:queues` is in another slot, but only single-key commands touch it. A
+//! timed-out call replaces the cluster connection, in the background, so that one silent
+//! node does not hold up the queues of the others. Classic `PUBLISH` reaches every node of
+//! a cluster, so [`run_event_listener`] subscribes on one node, and on another when that
+//! one goes away.
+//!
 //! # Redis keys
 //!
 //! | key | type | meaning |
@@ -20,7 +39,7 @@
 //! | `egress-scaler:{q}:dead` | ZSET | ids of failed tickets (dead letters), scored by failure time; the newest 10,000, none older than `finished_ttl` |
 //! | `egress-scaler:{q}:egress` | HASH | LiveKit egress id -> id of its active ticket |
 //! | `egress-scaler:{q}:room:<room name>` | SET | ids of the queued tickets of one room |
-//! | `egress-scaler:{q}:events` | pub/sub channel | the queue name is published on every change |
+//! | `egress-scaler:{q}:events` | pub/sub channel | the queue name is published on every change (classic `PUBLISH`: every node of a cluster hears it) |
 //!
 //! Ticket hash fields: `state`, `kind`, `room`, `request` (optional, the LiveKit request
 //! verbatim), `dedup`, `seq` (enqueue sequence number), `enqueued_at`; `attempt` and
@@ -48,15 +67,17 @@ use std::fmt;
 use std::future::Future;
 use std::io;
 use std::str::FromStr;
-use std::sync::{Arc, LazyLock, Mutex, PoisonError};
+use std::sync::{Arc, LazyLock, Mutex, PoisonError, Weak};
 use std::time::Duration;
 
 use futures::StreamExt;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::cluster::{ClusterClient, ClusterClientBuilder, ClusterConfig};
+use redis::cluster_async::ClusterConnection;
 use redis::{FromRedisValue, Script, ScriptInvocation, Value};
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, DropGuard};
 
 use crate::model::{Demand, EgressKind};
 
@@ -459,28 +480,93 @@ fn transition<'a>(script: &'a Script, ticket: &TicketId) -> ScriptInvocation<'a>
     invocation
 }
 
-/// The queue in Redis. Cheap to clone: clones share one multiplexed connection, which
-/// reconnects by itself after Redis comes back.
+/// The queue in Redis. Cheap to clone: clones share one multiplexed connection (one per
+/// node in cluster mode), which reconnects by itself after Redis comes back.
 #[derive(Debug, Clone)]
 pub struct QueueStore {
     client: redis::Client,
-    config: ConnectionManagerConfig,
+    backend: Backend,
     connection: Arc<Mutex<Connection>>,
     finished_ttl: Duration,
     /// Bound on every call, waiting for a (re)connection included.
     call_timeout: Duration,
 }
 
-/// The connection in use, and how many times it was replaced before.
+/// How new connections are made: to the URL's node, or to the cluster it belongs to.
 #[derive(Debug, Clone)]
+enum Backend {
+    Standalone(ConnectionManagerConfig),
+    /// Shared: far bigger than the single-node settings, and cloned with every store.
+    Cluster(Arc<ClusterBackend>),
+}
+
+/// The cluster client and the timeouts of every connection it makes.
+#[derive(Debug, Clone)]
+struct ClusterBackend {
+    client: ClusterClient,
+    config: ClusterConfig,
+    /// Bound on connecting to the whole cluster.
+    connect_timeout: Duration,
+}
+
+/// The connection in use, and how many times it was replaced before.
+#[derive(Debug)]
 struct Connection {
-    manager: ConnectionManager,
+    link: Link,
     generation: u64,
+    /// In cluster mode, while a replacement connects in the background: dropped with the
+    /// last clone of the store, it stops the replacement.
+    replacing: Option<DropGuard>,
+}
+
+/// A connection to one Redis node, or to a whole cluster (routed by key).
+#[derive(Clone)]
+enum Link {
+    Standalone(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl fmt::Debug for Link {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Link::Standalone(manager) => f.debug_tuple("Standalone").field(manager).finish(),
+            Link::Cluster(_) => f.write_str("Cluster"),
+        }
+    }
+}
+
+impl redis::aio::ConnectionLike for Link {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a redis::Cmd) -> redis::RedisFuture<'a, Value> {
+        match self {
+            Link::Standalone(manager) => manager.req_packed_command(cmd),
+            Link::Cluster(cluster) => cluster.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<Value>> {
+        match self {
+            Link::Standalone(manager) => manager.req_packed_commands(pipeline, offset, count),
+            Link::Cluster(cluster) => cluster.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Link::Standalone(manager) => manager.get_db(),
+            Link::Cluster(cluster) => cluster.get_db(),
+        }
+    }
 }
 
 impl QueueStore {
-    /// Connects to `url`; fails when Redis does not answer now. Once built, the store
-    /// reconnects by itself, and while Redis is away every call fails within about
+    /// Connects to `url`, a single Redis or any node of a Redis Cluster (see the module
+    /// doc); fails when Redis does not answer now. Once built, the store reconnects by
+    /// itself, and while Redis is away every call fails within about
     /// `connect_timeout + response_timeout` instead of waiting.
     pub async fn connect(url: &str, options: StoreOptions) -> Result<Self, QueueError> {
         let client = redis::Client::open(url)?;
@@ -502,19 +588,80 @@ impl QueueStore {
             Ok(manager) => manager?,
             Err(_) => return Err(timed_out(call_timeout)),
         };
+        let topology = match tokio::time::timeout(
+            call_timeout,
+            Topology::read(&mut manager.clone(), client.get_connection_info()),
+        )
+        .await
+        {
+            Ok(topology) => topology?,
+            Err(_) => return Err(timed_out(call_timeout)),
+        };
+        let (backend, link) = match topology {
+            Topology::Standalone => (Backend::Standalone(config), Link::Standalone(manager)),
+            Topology::Cluster(nodes) => {
+                Self::connect_cluster(&client, nodes, &options, call_timeout).await?
+            }
+        };
         Ok(QueueStore {
             client,
-            config,
+            backend,
             connection: Arc::new(Mutex::new(Connection {
-                manager,
+                link,
                 generation: 0,
+                replacing: None,
             })),
             finished_ttl: options.finished_ttl,
             call_timeout,
         })
     }
 
-    /// The client, for connections of other kinds (pub/sub, leases).
+    /// The cluster connection, seeded with the URL's node and every node it knows of, so
+    /// that a replacement connection finds the cluster even when the URL's node is gone.
+    async fn connect_cluster(
+        client: &redis::Client,
+        nodes: Vec<redis::ConnectionInfo>,
+        options: &StoreOptions,
+        call_timeout: Duration,
+    ) -> Result<(Backend, Link), QueueError> {
+        let seeds = std::iter::once(client.get_connection_info().clone()).chain(nodes);
+        // As for a single node: few, quick retries (MOVED, TRYAGAIN, a reconnection), all
+        // within the same bound as a call.
+        let cluster = ClusterClientBuilder::new(seeds)
+            .retries(2)
+            .min_retry_wait(50)
+            .max_retry_wait(200)
+            .overall_response_timeout(Some(call_timeout))
+            .build()?;
+        let config = ClusterConfig::new()
+            .set_connection_timeout(options.connect_timeout)
+            .set_response_timeout(options.response_timeout);
+        // Seeds are connected to in parallel, then every node of the slot map, so two
+        // rounds of connecting may pass before the first answer.
+        let connect_timeout = call_timeout + options.connect_timeout;
+        let connection = match tokio::time::timeout(
+            connect_timeout,
+            cluster.get_async_connection_with_config(config.clone()),
+        )
+        .await
+        {
+            Ok(connection) => connection?,
+            Err(_) => return Err(timed_out(connect_timeout)),
+        };
+        tracing::info!("Redis is a cluster; routing every queue to the node of its slot.");
+        Ok((
+            Backend::Cluster(Arc::new(ClusterBackend {
+                client: cluster,
+                config,
+                connect_timeout,
+            })),
+            Link::Cluster(connection),
+        ))
+    }
+
+    /// The client of the URL's node, for connections of other kinds (pub/sub, leases). In
+    /// cluster mode keyed commands sent through it are answered with `MOVED` unless the
+    /// key's slot is on that node.
     pub fn client(&self) -> &redis::Client {
         &self.client
     }
@@ -825,27 +972,27 @@ impl QueueStore {
     }
 
     async fn query(&self, command: &redis::Cmd) -> Result<Value, QueueError> {
-        self.call(|mut manager| async move { command.query_async(&mut manager).await })
+        self.call(|mut link| async move { command.query_async(&mut link).await })
             .await
     }
 
+    /// Runs a script: `EVALSHA`, then `SCRIPT LOAD` and `EVALSHA` again when the node does
+    /// not know it. A cluster connection routes `EVALSHA` by its first key, and every key
+    /// of a queue shares the queue's slot.
     async fn invoke(&self, invocation: &ScriptInvocation<'_>) -> Result<Value, QueueError> {
-        self.call(|mut manager| async move { invocation.invoke_async(&mut manager).await })
+        self.call(|mut link| async move { invocation.invoke_async(&mut link).await })
             .await
     }
 
     /// Runs one call on the current connection, bounded by `call_timeout`: while the
-    /// connection manager waits for Redis to come back, a call would otherwise wait with it.
+    /// connection waits for Redis to come back, a call would otherwise wait with it.
     async fn call<F, Fut>(&self, call: F) -> Result<Value, QueueError>
     where
-        F: FnOnce(ConnectionManager) -> Fut,
+        F: FnOnce(Link) -> Fut,
         Fut: Future<Output = redis::RedisResult<Value>>,
     {
-        let Connection {
-            manager,
-            generation,
-        } = self.current_connection();
-        let result = match tokio::time::timeout(self.call_timeout, call(manager)).await {
+        let (link, generation) = self.current_connection();
+        let result = match tokio::time::timeout(self.call_timeout, call(link)).await {
             Ok(result) => result,
             Err(_) => Err(timed_out_redis(self.call_timeout)),
         };
@@ -857,41 +1004,203 @@ impl QueueStore {
         Ok(result?)
     }
 
-    fn current_connection(&self) -> Connection {
-        self.connection
+    fn current_connection(&self) -> (Link, u64) {
+        let current = self
+            .connection
             .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
+            .unwrap_or_else(PoisonError::into_inner);
+        (current.link.clone(), current.generation)
     }
 
     /// Swaps in a new connection after a timeout. The connection manager reconnects only
     /// after errors that close the socket, and a connection whose peer vanished without a
-    /// word (a Redis pod gone with its IP) stays open, silent, for many minutes. Replaced
-    /// once per generation, however many calls timed out on it.
+    /// word (a Redis pod gone with its IP) stays open, silent, for many minutes; a cluster
+    /// connection would also keep sending a silent node's slots to it rather than read the
+    /// slot map again. Replaced once per generation, however many calls timed out on it.
     fn replace_connection(&self, generation: u64) {
         let mut current = self
             .connection
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        if current.generation != generation {
+        if current.generation != generation || current.replacing.is_some() {
             return;
         }
-        match ConnectionManager::new_lazy_with_config(self.client.clone(), self.config.clone()) {
-            Ok(manager) => {
-                *current = Connection {
-                    manager,
-                    generation: generation + 1,
-                };
+        match &self.backend {
+            Backend::Standalone(config) => {
+                match ConnectionManager::new_lazy_with_config(self.client.clone(), config.clone()) {
+                    Ok(manager) => {
+                        current.link = Link::Standalone(manager);
+                        current.generation = generation + 1;
+                        tracing::warn!(
+                            timeout = ?self.call_timeout,
+                            "Redis did not answer in time; opening a new connection."
+                        );
+                    }
+                    Err(error) => {
+                        tracing::warn!(%error, "Could not open a new Redis connection.");
+                    }
+                }
+            }
+            // Swapped in only once connected: a new cluster connection holds every call
+            // until it has reached the seeds and every node of the slot map, and a silent
+            // node makes that last seconds, for the queues of every other node too.
+            Backend::Cluster(cluster) => {
+                let stop = CancellationToken::new();
+                current.replacing = Some(stop.clone().drop_guard());
+                tokio::spawn(replace_cluster_connection(
+                    Arc::downgrade(&self.connection),
+                    Arc::clone(cluster),
+                    generation,
+                    stop,
+                ));
                 tracing::warn!(
                     timeout = ?self.call_timeout,
-                    "Redis did not answer in time; opening a new connection."
+                    "Redis did not answer in time; opening a new cluster connection."
                 );
-            }
-            Err(error) => {
-                tracing::warn!(%error, "Could not open a new Redis connection.");
             }
         }
     }
+}
+
+/// Connects to the cluster again and swaps the new connection in for `generation`; ends
+/// when connected, failed, timed out or stopped (with the last clone of the store).
+async fn replace_cluster_connection(
+    state: Weak<Mutex<Connection>>,
+    cluster: Arc<ClusterBackend>,
+    generation: u64,
+    stop: CancellationToken,
+) {
+    let connected = tokio::select! {
+        _ = stop.cancelled() => return,
+        connected = tokio::time::timeout(
+            cluster.connect_timeout,
+            cluster.client.get_async_connection_with_config(cluster.config.clone()),
+        ) => connected,
+    };
+    let Some(state) = state.upgrade() else {
+        return;
+    };
+    let mut current = state.lock().unwrap_or_else(PoisonError::into_inner);
+    current.replacing = None;
+    match connected {
+        Ok(Ok(connection)) => {
+            if current.generation == generation {
+                current.link = Link::Cluster(connection);
+                current.generation = generation + 1;
+                tracing::info!("Opened a new Redis Cluster connection.");
+            }
+        }
+        Ok(Err(error)) => {
+            tracing::warn!(%error, "Could not open a new Redis Cluster connection.");
+        }
+        Err(_) => {
+            tracing::warn!(
+                timeout = ?cluster.connect_timeout,
+                "Could not open a new Redis Cluster connection in time."
+            );
+        }
+    }
+}
+
+/// What the URL's node is part of.
+enum Topology {
+    /// A single Redis (or one that would not say: see [`Topology::read`]).
+    Standalone,
+    /// A Redis Cluster, with the nodes it reports (primaries and replicas, the node asked
+    /// included), each with the connection settings of the node asked.
+    Cluster(Vec<redis::ConnectionInfo>),
+}
+
+impl Topology {
+    /// Asks the node behind `connection`, reached with `asked`: `INFO cluster` says
+    /// `cluster_enabled:1` on a cluster node, and `CLUSTER SLOTS` names the nodes.
+    async fn read(
+        connection: &mut impl redis::aio::ConnectionLike,
+        asked: &redis::ConnectionInfo,
+    ) -> redis::RedisResult<Topology> {
+        let info: String = match redis::cmd("INFO")
+            .arg("cluster")
+            .query_async(connection)
+            .await
+        {
+            Ok(info) => info,
+            // A server that refuses INFO (renamed, or denied by an ACL) is taken for a
+            // single Redis, which is how it was used before cluster support.
+            Err(error)
+                if matches!(
+                    error.kind(),
+                    redis::ErrorKind::Server(
+                        redis::ServerErrorKind::ResponseError | redis::ServerErrorKind::NoPerm
+                    ) | redis::ErrorKind::Extension
+                ) =>
+            {
+                tracing::warn!(%error, "Redis refused INFO; taking it for a single node.");
+                return Ok(Topology::Standalone);
+            }
+            Err(error) => return Err(error),
+        };
+        if !info.lines().any(|line| line.trim() == "cluster_enabled:1") {
+            return Ok(Topology::Standalone);
+        }
+        let slots: Value = redis::cmd("CLUSTER")
+            .arg("SLOTS")
+            .query_async(connection)
+            .await?;
+        Ok(Topology::Cluster(cluster_nodes(&slots, asked)))
+    }
+}
+
+/// The nodes named in a `CLUSTER SLOTS` reply, deduplicated, with the settings of `asked`
+/// (credentials, TLS). An empty host means the node asked; `?` an unknown endpoint, skipped.
+fn cluster_nodes(slots: &Value, asked: &redis::ConnectionInfo) -> Vec<redis::ConnectionInfo> {
+    let asked_host = match asked.addr() {
+        redis::ConnectionAddr::Tcp(host, _) | redis::ConnectionAddr::TcpTls { host, .. } => host,
+        // Cluster nodes are only ever reported by IP or name and port, not as sockets.
+        _ => return Vec::new(),
+    };
+    let Value::Array(ranges) = slots else {
+        return Vec::new();
+    };
+    let mut nodes: Vec<redis::ConnectionInfo> = Vec::new();
+    // Each range is [first slot, last slot, primary, replicas...], each node [host, port, ...].
+    let endpoints = ranges
+        .iter()
+        .filter_map(|range| match range {
+            Value::Array(items) => Some(items.iter().skip(2)),
+            _ => None,
+        })
+        .flatten()
+        .filter_map(|node| match node {
+            Value::Array(fields) => Some((
+                String::from_redis_value_ref(fields.first()?).ok()?,
+                u16::from_redis_value_ref(fields.get(1)?).ok()?,
+            )),
+            _ => None,
+        });
+    for (host, port) in endpoints {
+        let host = match host.as_str() {
+            "" => asked_host.clone(),
+            "?" => continue,
+            _ => host,
+        };
+        let addr = match asked.addr() {
+            redis::ConnectionAddr::TcpTls {
+                insecure,
+                tls_params,
+                ..
+            } => redis::ConnectionAddr::TcpTls {
+                host,
+                port,
+                insecure: *insecure,
+                tls_params: tls_params.clone(),
+            },
+            _ => redis::ConnectionAddr::Tcp(host, port),
+        };
+        if !nodes.iter().any(|node| *node.addr() == addr) {
+            nodes.push(asked.clone().set_addr(addr));
+        }
+    }
+    nodes
 }
 
 fn timed_out(after: Duration) -> QueueError {
@@ -992,16 +1301,25 @@ const LISTENER_PING_INTERVAL: Duration = Duration::from_secs(10);
 /// Subscribes to the events of every queue and forwards each as [`QueueEvent::Changed`];
 /// sends [`QueueEvent::Resync`] after every (re)subscription; resubscribes with backoff
 /// (100 ms doubling to 2 s) when Redis goes away; returns when `shutdown` is cancelled.
+///
+/// `client` is [`QueueStore::client`]: the URL's node. On a Redis Cluster, where `PUBLISH`
+/// reaches every node, one subscription on one node hears every queue; the listener learns
+/// the other nodes from the node it subscribed on, and subscribes on one of them when the
+/// URL's node does not answer.
 pub async fn run_event_listener(
     client: redis::Client,
     events: broadcast::Sender<QueueEvent>,
     shutdown: CancellationToken,
 ) {
+    let mut nodes = EventNodes {
+        seed: client,
+        known: KnownNodes::Unknown,
+    };
     let mut backoff = LISTENER_BACKOFF_FIRST;
     loop {
         let session = tokio::select! {
             _ = shutdown.cancelled() => return,
-            session = listen(&client, &events) => session,
+            session = listen(&mut nodes, &events) => session,
         };
         if session.subscribed {
             backoff = LISTENER_BACKOFF_FIRST;
@@ -1019,6 +1337,81 @@ pub async fn run_event_listener(
     }
 }
 
+/// Where the event listener may subscribe.
+struct EventNodes {
+    /// The URL's node, always tried first (behind a Service name it may be any node).
+    seed: redis::Client,
+    known: KnownNodes,
+}
+
+/// What the event listener learned about the URL's Redis.
+enum KnownNodes {
+    /// Not asked yet, or it did not answer.
+    Unknown,
+    /// A single Redis: there is nowhere else to subscribe.
+    Standalone,
+    /// The nodes of the cluster other than the URL's, as of the last subscription.
+    Cluster(Vec<redis::Client>),
+}
+
+impl EventNodes {
+    /// Subscribes on the first node that accepts within [`LISTENER_CONNECT_TIMEOUT`]: the
+    /// URL's node, then the other known nodes of the cluster in turn.
+    async fn subscribe(&self) -> Result<(redis::Client, redis::aio::PubSub), redis::RedisError> {
+        let others = match &self.known {
+            KnownNodes::Cluster(others) => others.as_slice(),
+            KnownNodes::Unknown | KnownNodes::Standalone => &[],
+        };
+        let mut last_error = None;
+        for node in std::iter::once(&self.seed).chain(others) {
+            let attempt = tokio::time::timeout(LISTENER_CONNECT_TIMEOUT, async {
+                let mut pubsub = node.get_async_pubsub().await?;
+                pubsub.psubscribe(EVENTS_PATTERN).await?;
+                Ok::<_, redis::RedisError>(pubsub)
+            })
+            .await;
+            match attempt {
+                Ok(Ok(pubsub)) => return Ok((node.clone(), pubsub)),
+                Ok(Err(error)) => last_error = Some(error),
+                Err(_) => last_error = Some(timed_out_redis(LISTENER_CONNECT_TIMEOUT)),
+            }
+        }
+        Err(last_error.expect("the URL's node is always tried"))
+    }
+
+    /// Asks `node` which nodes its cluster has, on a separate connection (a subscribed one
+    /// takes no other command). A single Redis is asked once; a cluster on every
+    /// subscription, as its nodes come and go. Failures keep what was known.
+    async fn learn(&mut self, node: &redis::Client) {
+        if matches!(self.known, KnownNodes::Standalone) {
+            return;
+        }
+        let topology = tokio::time::timeout(LISTENER_CONNECT_TIMEOUT, async {
+            let mut connection = node.get_multiplexed_async_connection().await?;
+            Topology::read(&mut connection, node.get_connection_info()).await
+        })
+        .await;
+        match topology {
+            Ok(Ok(Topology::Standalone)) => self.known = KnownNodes::Standalone,
+            Ok(Ok(Topology::Cluster(nodes))) => {
+                let seed = self.seed.get_connection_info().addr();
+                let others = nodes
+                    .into_iter()
+                    .filter(|info| info.addr() != seed)
+                    .filter_map(|info| redis::Client::open(info).ok())
+                    .collect();
+                self.known = KnownNodes::Cluster(others);
+            }
+            Ok(Err(error)) => {
+                tracing::debug!(%error, "Could not list the Redis nodes for queue events.");
+            }
+            Err(_) => {
+                tracing::debug!("Listing the Redis nodes for queue events timed out.");
+            }
+        }
+    }
+}
+
 /// How a subscription session ended.
 struct Lost {
     /// Whether it got as far as subscribing.
@@ -1027,25 +1420,21 @@ struct Lost {
 }
 
 /// One subscription session, until the connection is lost.
-async fn listen(client: &redis::Client, events: &broadcast::Sender<QueueEvent>) -> Lost {
-    let lost_before_subscribing = |error| Lost {
-        subscribed: false,
-        error,
+async fn listen(nodes: &mut EventNodes, events: &broadcast::Sender<QueueEvent>) -> Lost {
+    let (node, pubsub) = match nodes.subscribe().await {
+        Ok(subscribed) => subscribed,
+        Err(error) => {
+            return Lost {
+                subscribed: false,
+                error,
+            };
+        }
     };
-    let pubsub = match tokio::time::timeout(LISTENER_CONNECT_TIMEOUT, async {
-        let mut pubsub = client.get_async_pubsub().await?;
-        pubsub.psubscribe(EVENTS_PATTERN).await?;
-        Ok::<_, redis::RedisError>(pubsub)
-    })
-    .await
-    {
-        Ok(Ok(pubsub)) => pubsub,
-        Ok(Err(error)) => return lost_before_subscribing(error),
-        Err(_) => return lost_before_subscribing(timed_out_redis(LISTENER_CONNECT_TIMEOUT)),
-    };
-    tracing::debug!("Subscribed to queue events.");
+    tracing::debug!(node = ?node.get_connection_info().addr(), "Subscribed to queue events.");
     // Nobody listening is not an error: the receivers come and go.
     let _ = events.send(QueueEvent::Resync);
+    // Messages wait in the subscription meanwhile.
+    nodes.learn(&node).await;
     let (mut sink, mut stream) = pubsub.split();
     let mut ping = tokio::time::interval(LISTENER_PING_INTERVAL);
     ping.reset();
@@ -1151,6 +1540,46 @@ mod tests {
         assert_eq!(queue_of_channel(&events_channel(&name)), Some(name));
         assert_eq!(queue_of_channel("egress-scaler:{bad name}:events"), None);
         assert_eq!(queue_of_channel("something:else"), None);
+    }
+
+    #[test]
+    fn cluster_nodes_come_from_cluster_slots_with_the_settings_of_the_node_asked() {
+        let node = |host: &str, port: i64| {
+            Value::Array(vec![
+                Value::BulkString(host.as_bytes().to_vec()),
+                Value::Int(port),
+                Value::BulkString(b"0123abcd".to_vec()),
+            ])
+        };
+        let range = |first: i64, last: i64, nodes: Vec<Value>| {
+            Value::Array([vec![Value::Int(first), Value::Int(last)], nodes].concat())
+        };
+        let slots = Value::Array(vec![
+            range(
+                0,
+                5460,
+                vec![node("10.0.0.1", 6379), node("10.0.0.4", 6379)],
+            ),
+            range(5461, 10922, vec![node("", 6380)]),
+            range(10923, 16000, vec![node("?", 6381)]),
+            range(16001, 16383, vec![node("10.0.0.1", 6379)]),
+        ]);
+        let asked = redis::Client::open("redis://:secret@seed.example:6380/")
+            .unwrap()
+            .get_connection_info()
+            .clone();
+        let nodes = cluster_nodes(&slots, &asked);
+        let addresses: Vec<String> = nodes.iter().map(|info| info.addr().to_string()).collect();
+        assert_eq!(
+            addresses,
+            ["10.0.0.1:6379", "10.0.0.4:6379", "seed.example:6380"]
+        );
+        assert!(
+            nodes
+                .iter()
+                .all(|info| info.redis_settings().password() == Some("secret"))
+        );
+        assert!(cluster_nodes(&Value::Nil, &asked).is_empty());
     }
 
     #[test]

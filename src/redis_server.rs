@@ -1,5 +1,5 @@
 //! A real `redis-server` child process on a free loopback port, for tests, benchmarks and
-//! the `demo` command.
+//! the `demo` command, and a small Redis Cluster of such processes ([`RedisCluster`]).
 //!
 //! The process is killed when the [`RedisServer`] is dropped, so a panicking test does not
 //! leave a server behind.
@@ -8,6 +8,7 @@ use std::io::{self, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -15,6 +16,10 @@ use std::time::{Duration, Instant};
 const READY_TIMEOUT: Duration = Duration::from_secs(10);
 /// Free ports picked before giving up when each one is taken by someone else first.
 const PORT_ATTEMPTS: usize = 5;
+/// How long a fresh cluster may take until every node reports `cluster_state:ok`.
+const CLUSTER_READY_TIMEOUT: Duration = Duration::from_secs(10);
+/// The hash slots of a Redis Cluster.
+const CLUSTER_SLOTS: u32 = 16_384;
 
 /// Why a `redis-server` could not be started.
 #[derive(Debug, thiserror::Error)]
@@ -33,6 +38,12 @@ pub enum RedisServerError {
     /// The process runs but did not answer PING in time.
     #[error("redis-server on port {port} did not answer PING within {timeout:?}")]
     NotReady { port: u16, timeout: Duration },
+    /// A node refused a command that sets up the cluster.
+    #[error("could not set up the Redis Cluster: {0}")]
+    ClusterSetup(#[from] redis::RedisError),
+    /// The nodes did not all report `cluster_state:ok` in time.
+    #[error("the Redis Cluster was not ready within {timeout:?}: {state}")]
+    ClusterNotReady { timeout: Duration, state: String },
 }
 
 /// How to run the server.
@@ -59,7 +70,17 @@ impl Default for RedisServerOptions {
 pub struct RedisServer {
     options: RedisServerOptions,
     port: u16,
+    cluster: Option<ClusterNode>,
     child: Option<Child>,
+}
+
+/// The settings of a server that is a node of a [`RedisCluster`].
+#[derive(Debug, Clone)]
+struct ClusterNode {
+    /// The cluster bus port, chosen free like the client port.
+    bus_port: u16,
+    /// Where the node keeps its view of the cluster, so that a restart rejoins it.
+    config_file: PathBuf,
 }
 
 impl RedisServer {
@@ -82,12 +103,37 @@ impl RedisServer {
         if let Some(dir) = &options.data_dir {
             std::fs::create_dir_all(dir)?;
         }
+        Self::start_on_free_ports(options, None)
+    }
+
+    /// A cluster node keeping its cluster view in `dir`.
+    fn start_cluster_node(dir: &Path) -> Result<Self, RedisServerError> {
+        Self::start_on_free_ports(RedisServerOptions::default(), Some(dir))
+    }
+
+    fn start_on_free_ports(
+        options: RedisServerOptions,
+        cluster_dir: Option<&Path>,
+    ) -> Result<Self, RedisServerError> {
         let mut last_error = None;
         for _ in 0..PORT_ATTEMPTS {
             let port = free_port()?;
+            let cluster = match cluster_dir {
+                Some(dir) => Some(ClusterNode {
+                    bus_port: loop {
+                        let bus_port = free_port()?;
+                        if bus_port != port {
+                            break bus_port;
+                        }
+                    },
+                    config_file: dir.join(format!("nodes-{port}.conf")),
+                }),
+                None => None,
+            };
             let mut server = RedisServer {
                 options: options.clone(),
                 port,
+                cluster,
                 child: None,
             };
             match server.spawn_and_wait() {
@@ -108,6 +154,12 @@ impl RedisServer {
     /// The TCP port, the same across restarts.
     pub fn port(&self) -> u16 {
         self.port
+    }
+
+    /// The process id while running, to send it signals (such as `SIGSTOP` to make it fall
+    /// silent without closing its connections).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     /// The data directory when the server persists its data.
@@ -178,6 +230,17 @@ impl RedisServer {
                 command.args(["--appendonly", "no"]);
             }
         }
+        if let Some(node) = &self.cluster {
+            command
+                .args(["--cluster-enabled", "yes", "--cluster-config-file"])
+                .arg(&node.config_file)
+                .arg("--cluster-port")
+                .arg(node.bus_port.to_string())
+                .args(["--cluster-announce-ip", "127.0.0.1"])
+                // Without replicas, a stopped node would otherwise stop the whole cluster
+                // once the others mark it failed.
+                .args(["--cluster-require-full-coverage", "no"]);
+        }
         let child = command.spawn().map_err(|error| {
             if error.kind() == io::ErrorKind::NotFound {
                 RedisServerError::NotInstalled {
@@ -223,6 +286,165 @@ impl Drop for RedisServer {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// A Redis Cluster of `size` primaries (no replicas) on free loopback ports, for tests:
+/// the 16384 slots split evenly in node order, every node configured with
+/// `cluster-require-full-coverage no` so the others keep serving while one is stopped.
+/// The nodes are killed and their cluster files removed when it is dropped. Needs Redis 7
+/// (`cluster-port`, `CLUSTER ADDSLOTSRANGE`).
+#[derive(Debug)]
+pub struct RedisCluster {
+    nodes: Vec<RedisServer>,
+    /// The nodes' cluster files.
+    dir: PathBuf,
+}
+
+impl RedisCluster {
+    /// Starts `size` nodes, assigns the slots, introduces the nodes to each other and waits
+    /// until every node reports `cluster_state:ok` and knows every slot.
+    pub fn start(size: usize) -> Result<Self, RedisServerError> {
+        if size == 0 {
+            return Err(RedisServerError::Io(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "a cluster needs at least one node",
+            )));
+        }
+        static CLUSTERS: AtomicU64 = AtomicU64::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "egress-scaler-cluster-{}-{}",
+            std::process::id(),
+            CLUSTERS.fetch_add(1, Ordering::Relaxed)
+        ));
+        // Left over from an earlier process with the same id: its files would describe
+        // another cluster.
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)?;
+        // Built first, so that a failure below still stops what started and removes `dir`.
+        let mut cluster = RedisCluster {
+            nodes: Vec::with_capacity(size),
+            dir,
+        };
+        for _ in 0..size {
+            let node = RedisServer::start_cluster_node(&cluster.dir)?;
+            cluster.nodes.push(node);
+        }
+        let mut connections = cluster
+            .nodes
+            .iter()
+            .map(|node| node_connection(node.port))
+            .collect::<Result<Vec<_>, _>>()?;
+        for (index, connection) in connections.iter_mut().enumerate() {
+            let (first, last) = cluster.slots_of(index);
+            redis::cmd("CLUSTER")
+                .arg("ADDSLOTSRANGE")
+                .arg(first)
+                .arg(last)
+                .exec(connection)?;
+        }
+        for node in &cluster.nodes[1..] {
+            let bus_port = node.cluster.as_ref().expect("a cluster node").bus_port;
+            redis::cmd("CLUSTER")
+                .arg("MEET")
+                .arg("127.0.0.1")
+                .arg(node.port)
+                .arg(bus_port)
+                .exec(&mut connections[0])?;
+        }
+        cluster.wait_until_ready(&mut connections)?;
+        Ok(cluster)
+    }
+
+    /// `redis://127.0.0.1:PORT/` of the first node; any node's URL reaches the cluster.
+    pub fn url(&self) -> String {
+        self.nodes[0].url()
+    }
+
+    /// The URL of every node, in node order.
+    pub fn urls(&self) -> Vec<String> {
+        self.nodes.iter().map(RedisServer::url).collect()
+    }
+
+    /// How many nodes the cluster has.
+    pub fn size(&self) -> usize {
+        self.nodes.len()
+    }
+
+    /// One node, to stop and start again (it rejoins the cluster with its slots).
+    pub fn node_mut(&mut self, index: usize) -> &mut RedisServer {
+        &mut self.nodes[index]
+    }
+
+    /// The node serving hash slot `slot` (as `CLUSTER KEYSLOT` gives it); panics on a slot
+    /// past 16383.
+    pub fn node_of_slot(&self, slot: u16) -> usize {
+        (0..self.nodes.len())
+            .find(|&index| {
+                let (first, last) = self.slots_of(index);
+                (first..=last).contains(&u32::from(slot))
+            })
+            .expect("a hash slot is below 16384")
+    }
+
+    /// The first and last slot of node `index`.
+    fn slots_of(&self, index: usize) -> (u32, u32) {
+        let size = self.nodes.len() as u32;
+        let index = index as u32;
+        (
+            index * CLUSTER_SLOTS / size,
+            (index + 1) * CLUSTER_SLOTS / size - 1,
+        )
+    }
+
+    fn wait_until_ready(
+        &self,
+        connections: &mut [redis::Connection],
+    ) -> Result<(), RedisServerError> {
+        let expected = [
+            "cluster_state:ok".to_owned(),
+            format!("cluster_slots_assigned:{CLUSTER_SLOTS}"),
+            format!("cluster_known_nodes:{}", self.nodes.len()),
+        ];
+        let deadline = Instant::now() + CLUSTER_READY_TIMEOUT;
+        loop {
+            let mut not_ready = None;
+            for (connection, node) in connections.iter_mut().zip(&self.nodes) {
+                let info: String = redis::cmd("CLUSTER").arg("INFO").query(connection)?;
+                let lines: Vec<&str> = info.lines().map(str::trim).collect();
+                if let Some(missing) = expected.iter().find(|line| !lines.contains(&line.as_str()))
+                {
+                    not_ready = Some(format!("node on port {} lacks {missing}", node.port));
+                    break;
+                }
+            }
+            match not_ready {
+                None => return Ok(()),
+                Some(state) if Instant::now() >= deadline => {
+                    return Err(RedisServerError::ClusterNotReady {
+                        timeout: CLUSTER_READY_TIMEOUT,
+                        state,
+                    });
+                }
+                Some(_) => thread::sleep(Duration::from_millis(20)),
+            }
+        }
+    }
+}
+
+impl Drop for RedisCluster {
+    fn drop(&mut self) {
+        // Stopped first: a running node rewrites its cluster file.
+        self.nodes.clear();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A plain connection to a local node, for setting up the cluster.
+fn node_connection(port: u16) -> Result<redis::Connection, RedisServerError> {
+    let client = redis::Client::open(format!("redis://127.0.0.1:{port}/"))?;
+    let connection = client.get_connection_with_timeout(Duration::from_secs(1))?;
+    connection.set_read_timeout(Some(Duration::from_secs(2)))?;
+    Ok(connection)
 }
 
 /// A port that was free a moment ago.
