@@ -14,6 +14,7 @@ use serde::Deserialize;
 use crate::fleet::{FleetConfigError, FleetOptions, FleetSource};
 use crate::model::{EgressKind, Settings, cores_to_millicores};
 use crate::queue::QueueName;
+use crate::tls::TlsSettings;
 
 /// `egress-scaler`: a durable queue, a KEDA external scaler and a dispatcher for LiveKit egress.
 #[derive(Debug, Parser)]
@@ -113,6 +114,15 @@ pub struct ServeArgs {
     /// Age after which the fleet snapshot is too old to scale on, seconds [default: 15].
     #[arg(long, env = "EGRESS_SCALER_FLEET_STALE_SECONDS")]
     pub fleet_stale_seconds: Option<f64>,
+    /// PEM certificate chain: the gRPC listener serves TLS (re-read when the file changes).
+    #[arg(long, value_name = "FILE", env = "EGRESS_SCALER_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, value_name = "FILE", env = "EGRESS_SCALER_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+    /// PEM CA bundle: gRPC clients must present a certificate it signed (mutual TLS).
+    #[arg(long, value_name = "FILE", env = "EGRESS_SCALER_TLS_CLIENT_CA")]
+    pub tls_client_ca: Option<PathBuf>,
 }
 
 /// Flags of `enqueue`.
@@ -178,6 +188,9 @@ struct FileConfig {
     fleet_refresh_seconds: Option<f64>,
     scrape_timeout_seconds: Option<f64>,
     fleet_stale_seconds: Option<f64>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    tls_client_ca: Option<PathBuf>,
 }
 
 /// LiveKit API key and secret (from the environment only, never flags).
@@ -219,6 +232,8 @@ pub struct ServeConfig {
     pub livekit_url: Option<String>,
     /// API credentials: HTTP API auth and the dispatcher's Twirp calls.
     pub credentials: Option<ApiCredentials>,
+    /// TLS of the gRPC listener; plaintext when `None`.
+    pub grpc_tls: Option<TlsSettings>,
 }
 
 /// A setting has a value that cannot be used.
@@ -393,6 +408,12 @@ impl ServeArgs {
             }
         };
 
+        let grpc_tls = grpc_tls(
+            self.tls_cert.or(file.tls_cert),
+            self.tls_key.or(file.tls_key),
+            self.tls_client_ca.or(file.tls_client_ca),
+        )?;
+
         Ok(ServeConfig {
             redis_url,
             grpc_listen,
@@ -403,8 +424,38 @@ impl ServeArgs {
             default_queue,
             livekit_url,
             credentials,
+            grpc_tls,
         })
     }
+}
+
+/// The gRPC TLS files, checked now so that a bad one stops `serve` before it binds.
+fn grpc_tls(
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    client_ca: Option<PathBuf>,
+) -> Result<Option<TlsSettings>, ConfigError> {
+    let settings = match (cert, key, client_ca) {
+        (None, None, None) => return Ok(None),
+        (Some(cert), Some(key), client_ca) => TlsSettings {
+            cert,
+            key,
+            client_ca,
+            reload_interval: crate::tls::DEFAULT_RELOAD_INTERVAL,
+        },
+        (None, Some(_), _) => return Err(invalid("--tls-key", "needs --tls-cert")),
+        (Some(_), None, _) => return Err(invalid("--tls-cert", "needs --tls-key")),
+        (None, None, Some(_)) => {
+            return Err(invalid(
+                "--tls-client-ca",
+                "needs --tls-cert and --tls-key (client certificates are checked over TLS)",
+            ));
+        }
+    };
+    settings
+        .load()
+        .map_err(|error| invalid(error.file.flag(), error.to_string()))?;
+    Ok(Some(settings))
 }
 
 fn read_file_config(path: &Path) -> Result<FileConfig, ConfigError> {
@@ -509,6 +560,29 @@ mod tests {
         assert_eq!(config.default_queue.as_str(), "default");
         assert!(matches!(config.fleet_source, FleetSource::None));
         assert!(config.credentials.is_none());
+        assert!(config.grpc_tls.is_none());
+    }
+
+    #[test]
+    fn tls_flags_come_in_pairs_and_their_files_must_load() {
+        let cases: [(&[&str], &str); 4] = [
+            (&["--tls-key", "/k.pem"], "--tls-key"),
+            (&["--tls-cert", "/c.pem"], "--tls-cert"),
+            (&["--tls-client-ca", "/ca.pem"], "--tls-client-ca"),
+            (
+                &[
+                    "--tls-cert",
+                    "/nonexistent/c.pem",
+                    "--tls-key",
+                    "/nonexistent/k.pem",
+                ],
+                "--tls-cert",
+            ),
+        ];
+        for (args, setting) in cases {
+            let error = resolve(args, &[]).unwrap_err();
+            assert_eq!(error.setting, setting, "{args:?}: {error}");
+        }
     }
 
     #[test]

@@ -8,6 +8,7 @@
 //! - [`fleet`]: background observer of the egress pods' metrics: the snapshot the model reads.
 //! - [`model`]: the replica model, pure: demand + fleet snapshot + settings -> decision.
 //! - [`scaler`]: the KEDA external scaler gRPC service over the model.
+//! - [`tls`]: TLS and mutual TLS of the gRPC listener, certificates reloaded on change.
 //! - [`telemetry`]: the metrics registry and logging.
 //! - [`server`]: `serve`, wiring the above with one shutdown token.
 //! - [`cli`]: the subcommands, `enqueue` and `status` as clients of the HTTP API.
@@ -27,3 +28,4 @@ pub mod scaler;
 pub mod server;
 pub mod standin;
 pub mod telemetry;
+pub mod tls;

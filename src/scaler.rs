@@ -60,6 +60,10 @@ pub struct MetadataError {
     pub reason: String,
 }
 
+/// The trigger metadata keys egress-scaler reads (DESIGN.md 5); KEDA's own keys such as
+/// `scalerAddress` arrive too and are ignored.
+pub const METADATA_KEYS: [&str; 4] = ["queue", "warmPool", "minReplicas", "maxReplicas"];
+
 /// Parses `scalerMetadata`; unknown keys (KEDA adds its own) are ignored.
 pub fn parse_metadata(
     metadata: &HashMap<String, String>,

@@ -11,6 +11,7 @@ use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio::sync::broadcast;
 use tokio::task::JoinSet;
+use tokio_stream::StreamExt;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::ServeConfig;
@@ -20,6 +21,7 @@ use crate::queue::{self, QueueStore, StoreOptions};
 use crate::scaler::proto::external_scaler_server::ExternalScalerServer;
 use crate::scaler::{Evaluator, ScalerService};
 use crate::telemetry::Metrics;
+use crate::tls::{self, ReloadingTls};
 
 /// How long in-flight work may take to finish after shutdown is requested.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
@@ -98,6 +100,13 @@ async fn connect_store(
 
 /// Starts every component; they stop when `shutdown` is cancelled.
 pub async fn start(config: ServeConfig, shutdown: CancellationToken) -> anyhow::Result<Running> {
+    let grpc_tls = match config.grpc_tls.clone() {
+        Some(settings) => Some(
+            ReloadingTls::load(settings)
+                .map_err(|error| anyhow::anyhow!("cannot load {}: {error}", error.file.flag()))?,
+        ),
+        None => None,
+    };
     let grpc_listener = TcpListener::bind(config.grpc_listen)
         .await
         .with_context(|| format!("cannot listen on --grpc-listen {}", config.grpc_listen))?;
@@ -163,24 +172,52 @@ pub async fn start(config: ServeConfig, shutdown: CancellationToken) -> anyhow::
         .await;
     {
         let token = shutdown.clone();
-        // Small stream messages must not wait for a delayed ACK (Nagle): activation is latency.
-        let grpc_incoming = tonic::transport::server::TcpIncoming::from(grpc_listener)
-            .with_nodelay(Some(true))
-            .with_keepalive(Some(Duration::from_secs(60)));
-        tasks.spawn(async move {
-            let drained = token.clone();
-            tonic::transport::Server::builder()
-                .add_service(health_service)
-                .add_service(ExternalScalerServer::new(scaler))
-                .serve_with_incoming_shutdown(grpc_incoming, async move {
-                    drained.cancelled().await;
-                    health
-                        .set_not_serving::<ExternalScalerServer<ScalerService>>()
-                        .await;
-                })
-                .await
-                .context("gRPC server failed")
-        });
+        let router = tonic::transport::Server::builder()
+            .add_service(health_service)
+            .add_service(ExternalScalerServer::new(scaler));
+        let drained = async move {
+            token.cancelled().await;
+            health
+                .set_not_serving::<ExternalScalerServer<ScalerService>>()
+                .await;
+        };
+        match grpc_tls {
+            None => {
+                // Small stream messages must not wait for a delayed ACK (Nagle): activation
+                // is latency.
+                let grpc_incoming = tonic::transport::server::TcpIncoming::from(grpc_listener)
+                    .with_nodelay(Some(true))
+                    .with_keepalive(Some(Duration::from_secs(60)));
+                tasks.spawn(async move {
+                    router
+                        .serve_with_incoming_shutdown(grpc_incoming, drained)
+                        .await
+                        .context("gRPC server failed")
+                });
+            }
+            Some(tls) => {
+                let (grpc_incoming, accept) =
+                    tls::accept_loop(grpc_listener, tls.current(), shutdown.clone());
+                let token = shutdown.clone();
+                tasks.spawn(async move {
+                    tls.watch_files(token).await;
+                    Ok(())
+                });
+                tasks.spawn(async move {
+                    accept.await;
+                    Ok(())
+                });
+                tasks.spawn(async move {
+                    router
+                        .serve_with_incoming_shutdown(
+                            grpc_incoming.map(Ok::<_, std::io::Error>),
+                            drained,
+                        )
+                        .await
+                        .context("gRPC server failed")
+                });
+            }
+        }
     }
 
     let state = AppState {
@@ -210,6 +247,7 @@ pub async fn start(config: ServeConfig, shutdown: CancellationToken) -> anyhow::
         http = %http_addr,
         queue = %config.default_queue,
         dispatcher = config.livekit_url.is_some(),
+        grpc_tls = config.grpc_tls.is_some(),
         "egress-scaler is serving."
     );
     Ok(Running {
