@@ -123,6 +123,7 @@ struct ServerState {
     claim_delay: Duration,
     answer_delay: Duration,
     webhooks_on: bool,
+    webhook_url: Option<String>,
 }
 
 #[derive(Debug)]
@@ -131,7 +132,7 @@ struct Inner {
     options: LiveKitStandInOptions,
     verifier: TokenVerifier,
     state: Mutex<ServerState>,
-    webhooks: mpsc::UnboundedSender<proto::WebhookEvent>,
+    webhooks: mpsc::UnboundedSender<(String, proto::WebhookEvent)>,
     start_calls: AtomicU64,
     list_calls: AtomicU64,
     /// Ends the server, the webhook sender and every pending start or end timer.
@@ -193,6 +194,7 @@ impl LiveKitServerStandIn {
             state: Mutex::new(ServerState {
                 pods,
                 webhooks_on: true,
+                webhook_url: options.webhook_url.clone(),
                 ..ServerState::default()
             }),
             webhooks,
@@ -311,6 +313,11 @@ impl LiveKitServerStandIn {
         });
     }
 
+    /// Sends the webhooks from now on to `url` (`None`: nowhere).
+    pub fn set_webhook_url(&self, url: Option<String>) {
+        self.state().webhook_url = url;
+    }
+
     /// Sends webhooks (true, the default) or drops them, like a lossy delivery.
     pub fn set_webhooks(&self, on: bool) {
         self.state().webhooks_on = on;
@@ -362,17 +369,24 @@ impl Inner {
         room: Option<proto::Room>,
         egress_info: Option<proto::EgressInfo>,
     ) {
-        if !self.state().webhooks_on || self.options.webhook_url.is_none() {
-            return;
-        }
-        let _ = self.webhooks.send(proto::WebhookEvent {
-            event: event.to_owned(),
-            room,
-            egress_info,
-            id: new_id("EV"),
-            created_at: unix_nanos() / 1_000_000_000,
-            ..proto::WebhookEvent::default()
-        });
+        let url = {
+            let state = self.state();
+            match (&state.webhook_url, state.webhooks_on) {
+                (Some(url), true) => url.clone(),
+                _ => return,
+            }
+        };
+        let _ = self.webhooks.send((
+            url,
+            proto::WebhookEvent {
+                event: event.to_owned(),
+                room,
+                egress_info,
+                id: new_id("EV"),
+                created_at: unix_nanos() / 1_000_000_000,
+                ..proto::WebhookEvent::default()
+            },
+        ));
     }
 
     fn end_egress(&self, egress_id: &str, status: proto::EgressStatus) -> bool {
@@ -722,12 +736,9 @@ async fn handle(
 /// Sends the webhooks in order, each signed, until `stop`.
 async fn send_webhooks(
     options: LiveKitStandInOptions,
-    mut queue: mpsc::UnboundedReceiver<proto::WebhookEvent>,
+    mut queue: mpsc::UnboundedReceiver<(String, proto::WebhookEvent)>,
     stop: CancellationToken,
 ) {
-    let Some(url) = options.webhook_url.clone() else {
-        return;
-    };
     let client = match reqwest::Client::builder()
         .timeout(Duration::from_secs(5))
         .build()
@@ -736,7 +747,7 @@ async fn send_webhooks(
         Err(_) => return,
     };
     loop {
-        let event = tokio::select! {
+        let (url, event) = tokio::select! {
             _ = stop.cancelled() => return,
             event = queue.recv() => match event {
                 Some(event) => event,
