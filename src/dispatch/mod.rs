@@ -713,7 +713,22 @@ impl<'a, A: EgressApi> Term<'a, A> {
         self.reservations
             .hold(ticket.kind, std::time::Instant::now());
         self.forget(&ticket.id);
-        if applied {
+        // Not applied: its `egress_started` webhook may have recorded it first.
+        let recorded = applied
+            || {
+                let current = self.d.store.get(&ticket.id).await?;
+                let same = current.as_ref().and_then(|t| t.egress_id.as_deref())
+                    == Some(info.egress_id.as_str());
+                if !same {
+                    tracing::error!(
+                        queue = %self.d.queue, ticket = %ticket.id, egress_id = %info.egress_id,
+                        state = ?current.map(|t| t.state),
+                        "Egress started but the ticket records something else; check for a second recording."
+                    );
+                }
+                same
+            };
+        if recorded {
             let wait = now.saturating_sub(ticket.enqueued_at_ms) as f64 / 1000.0;
             self.d.metrics.enqueue_to_start_seconds.observe(wait);
             self.d.metrics.outcome(outcome);
@@ -723,16 +738,6 @@ impl<'a, A: EgressApi> Term<'a, A> {
                 adopted = outcome == DispatchOutcome::adopted,
                 "Egress started."
             );
-        } else {
-            // A webhook may have recorded it first; anything else is worth a look.
-            let now = self.d.store.get(&ticket.id).await?;
-            if now.as_ref().and_then(|t| t.egress_id.as_deref()) != Some(info.egress_id.as_str()) {
-                tracing::error!(
-                    queue = %self.d.queue, ticket = %ticket.id, egress_id = %info.egress_id,
-                    state = ?now.map(|t| t.state),
-                    "Egress started but the ticket records another state; check for a second recording."
-                );
-            }
         }
         Ok(())
     }
