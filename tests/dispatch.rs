@@ -1092,3 +1092,119 @@ async fn crash_trials(
     }
     (trials, tickets_total)
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_stand_in_speaks_twirp_json_and_protobuf_and_checks_tokens() {
+    use livekit_api::access_token::{AccessToken, VideoGrants};
+    use prost::Message;
+    let world = World::start(WorldSetup {
+        livekit: LiveKitStandInOptions {
+            any_room_exists: false,
+            ..WorldSetup::default().livekit
+        },
+        ..WorldSetup::default()
+    })
+    .await;
+    world.livekit.create_room("json-room");
+    let options = world.livekit.options().clone();
+    let token = |record: bool, secret: &str| {
+        AccessToken::with_api_key(&options.api_key, secret)
+            .with_grants(VideoGrants {
+                room_record: record,
+                ..Default::default()
+            })
+            .to_jwt()
+            .unwrap()
+    };
+    let client = support::http_client();
+    let url = |method: &str| format!("{}/twirp/livekit.Egress/{method}", world.livekit.url());
+    let post_json = |method: &str, auth: Option<String>, body: serde_json::Value| {
+        let mut request = client
+            .post(url(method))
+            .header("content-type", "application/json")
+            .body(body.to_string());
+        if let Some(auth) = auth {
+            request = request.bearer_auth(auth);
+        }
+        request.send()
+    };
+    let good = token(true, &options.api_secret);
+
+    let started = post_json(
+        "StartRoomCompositeEgress",
+        Some(good.clone()),
+        serde_json::json!({"roomName": "json-room", "layout": "grid"}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(started.status(), 200);
+    let info: serde_json::Value = started.json().await.unwrap();
+    assert!(info["egressId"].as_str().unwrap().starts_with("EG_"));
+    assert_eq!(info["roomName"], "json-room");
+    assert_eq!(info["roomComposite"]["layout"], "grid");
+
+    let listed: serde_json::Value = post_json(
+        "ListEgress",
+        Some(good.clone()),
+        serde_json::json!({"roomName": "json-room", "active": true}),
+    )
+    .await
+    .unwrap()
+    .json()
+    .await
+    .unwrap();
+    assert_eq!(listed["items"].as_array().unwrap().len(), 1);
+
+    // The same call in protobuf.
+    let body = proto::ListEgressRequest {
+        room_name: "json-room".to_owned(),
+        ..Default::default()
+    }
+    .encode_to_vec();
+    let answer = client
+        .post(url("ListEgress"))
+        .bearer_auth(good.clone())
+        .header("content-type", "application/protobuf")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 200);
+    let list = proto::ListEgressResponse::decode(answer.bytes().await.unwrap()).unwrap();
+    assert_eq!(list.items[0].room_name, "json-room");
+
+    for (auth, status, code) in [
+        (None, 401, "unauthenticated"),
+        (
+            Some(token(true, "not-the-secret-not-the-secret-00")),
+            401,
+            "unauthenticated",
+        ),
+        (
+            Some(token(false, &options.api_secret)),
+            403,
+            "permission_denied",
+        ),
+    ] {
+        let answer = post_json("ListEgress", auth, serde_json::json!({}))
+            .await
+            .unwrap();
+        assert_eq!(answer.status(), status);
+        let error: serde_json::Value = answer.json().await.unwrap();
+        assert_eq!(error["code"], code);
+    }
+    let missing = post_json(
+        "StartRoomCompositeEgress",
+        Some(good.clone()),
+        serde_json::json!({"roomName": "no-such-room"}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(missing.status(), 404);
+    let error: serde_json::Value = missing.json().await.unwrap();
+    assert_eq!(error["code"], "not_found");
+    let unknown = post_json("UpdateEverything", Some(good), serde_json::json!({}))
+        .await
+        .unwrap();
+    assert_eq!(unknown.status(), 404);
+}

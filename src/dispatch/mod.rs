@@ -446,6 +446,13 @@ impl<'a, A: EgressApi> Term<'a, A> {
     async fn step(&mut self, shutdown: &CancellationToken) -> Result<Next, StepError> {
         self.fault(FaultPoint::BeforeStep)?;
         let now = Instant::now();
+        // This step reads the queue and the fleet as they are now: only changes from here on
+        // should wake the next wait (this dispatcher's own writes are announced too).
+        while !matches!(
+            self.events.try_recv(),
+            Err(broadcast::error::TryRecvError::Empty | broadcast::error::TryRecvError::Closed)
+        ) {}
+        self.views.borrow_and_update();
 
         // 1. Attempts of unknown outcome hold everything else.
         let dispatching = self.d.store.dispatching(&self.d.queue).await?;
@@ -468,6 +475,7 @@ impl<'a, A: EgressApi> Term<'a, A> {
         // 2. Now and then, active tickets against livekit-server.
         if now >= self.next_reconcile {
             self.reconcile_active().await?;
+            self.forget_gone().await?;
             self.next_reconcile = Instant::now() + self.d.options.reconcile_interval;
         }
 
@@ -839,6 +847,28 @@ impl<'a, A: EgressApi> Term<'a, A> {
                 Ok(None)
             }
         }
+    }
+
+    /// Drops the retry state of tickets no longer queued (cancelled while waiting).
+    async fn forget_gone(&mut self) -> Result<(), StepError> {
+        let tracked: Vec<TicketId> = self
+            .failures
+            .keys()
+            .chain(self.not_found_since.keys())
+            .cloned()
+            .collect();
+        for id in tracked {
+            let queued = self
+                .d
+                .store
+                .get(&id)
+                .await?
+                .is_some_and(|ticket| ticket.state == crate::queue::TicketState::Queued);
+            if !queued {
+                self.forget(&id);
+            }
+        }
+        Ok(())
     }
 
     /// Ends the active tickets whose egress is over (their `egress_ended` webhook was lost).

@@ -328,6 +328,11 @@ impl LiveKitServerStandIn {
         self.state().started.clone()
     }
 
+    /// How many egress were ever started.
+    pub fn started_count(&self) -> usize {
+        self.state().started.len()
+    }
+
     /// The current record of one egress.
     pub fn egress(&self, egress_id: &str) -> Option<proto::EgressInfo> {
         self.state().egress.get(egress_id).map(|e| e.info.clone())
