@@ -478,6 +478,17 @@ async fn strict_order_holds_the_queue_and_backfill_lets_a_small_job_pass() {
         let world = World::start(WorldSetup::default()).await;
         // Someone else's track egress: 0.5 + 4 > 3.2, a composite fits nowhere.
         world.pods[0].set_busy(&[("track", 1)]);
+        assert!(
+            eventually(Duration::from_secs(5), || async {
+                world.fleet.current().is_ok_and(|view| {
+                    view.pods
+                        .iter()
+                        .any(|pod| pod.active.get("track") == Some(&1))
+                })
+            })
+            .await,
+            "the fleet shows the busy pod"
+        );
         let q = queue("order");
         world.enqueue(&q, EgressKind::RoomComposite, "big").await;
         world.enqueue(&q, EgressKind::Track, "small").await;

@@ -251,6 +251,8 @@ impl<A: EgressApi> Dispatcher<A> {
     /// until `shutdown`; then gives the lease up.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), DispatchError> {
         let standby_poll = (self.options.lease / 4).max(Duration::from_millis(10));
+        // A standby shows 0, so that every replica exports the series.
+        self.metrics.set_leader(&self.queue, &self.holder, false);
         loop {
             let lease = loop {
                 if shutdown.is_cancelled() {
