@@ -219,6 +219,38 @@ pub fn render_status(status: &StatusAnswer) -> String {
         for reason in &queue.reasons {
             let _ = writeln!(out, "  - {reason}");
         }
+        match &queue.leader {
+            Some(leader) => {
+                let _ = writeln!(
+                    out,
+                    "  dispatcher: {} (lease held {}, expires in {:.1}s, fence {})",
+                    leader.holder,
+                    wait_text(leader.lease_age_seconds),
+                    leader.expires_in_seconds,
+                    leader
+                        .fence
+                        .map(|f| f.to_string())
+                        .unwrap_or_else(|| "-".to_owned())
+                );
+            }
+            None => {
+                let _ = writeln!(out, "  dispatcher: none leading");
+            }
+        }
+        if !queue.recent_dead_letters.is_empty() {
+            let _ = writeln!(out, "  newest dead letters:");
+            for dead in &queue.recent_dead_letters {
+                let _ = writeln!(
+                    out,
+                    "    {} {} {} {}: {}",
+                    dead.failed_at.as_deref().unwrap_or("-"),
+                    dead.ticket,
+                    dead.kind,
+                    dead.room_name,
+                    dead.error.as_deref().unwrap_or("no error recorded")
+                );
+            }
+        }
     }
     let fleet = &status.fleet;
     let states = fleet
@@ -299,5 +331,32 @@ mod tests {
         assert!(table.contains("room_composite=3"), "{table}");
         assert!(table.contains("desired 3 because"), "{table}");
         assert!(table.contains("3 need 3 new pod(s)"), "{table}");
+        assert!(table.contains("dispatcher: none leading"), "{table}");
+    }
+
+    #[test]
+    fn status_table_shows_the_leader_and_the_newest_dead_letters() {
+        let status: StatusAnswer = serde_json::from_value(json!({
+            "queues": [{
+                "queue": "default", "depth": 0, "queued_by_kind": {}, "demand_by_kind": {},
+                "oldest_wait_seconds": null, "dispatching": 0, "active": 0, "dead_letters": 1,
+                "desired_replicas": 0, "reasons": [], "decision": null,
+                "leader": {"holder": "egress-scaler-0-1a2b3c4d", "lease_age_seconds": 95.0,
+                           "expires_in_seconds": 8.2, "fence": 7},
+                "recent_dead_letters": [{"ticket": "default.00", "kind": "web",
+                    "room_name": "r", "error": "livekit-server refused the request: invalid_argument: no url",
+                    "failed_at": "2026-01-01T00:00:00.000Z"}]
+            }],
+            "fleet": {"healthy": true, "error": null, "snapshot_age_seconds": 0.5,
+                      "pods_by_state": {"ready": 0}, "free_cpu_cores": 0.0, "pods": []}
+        }))
+        .unwrap();
+        let table = render_status(&status);
+        assert!(
+            table.contains("dispatcher: egress-scaler-0-1a2b3c4d (lease held 1m35s"),
+            "{table}"
+        );
+        assert!(table.contains("fence 7"), "{table}");
+        assert!(table.contains("invalid_argument: no url"), "{table}");
     }
 }

@@ -11,10 +11,13 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde::Deserialize;
 
+use crate::dispatch::Order;
+use crate::egress_request::StartRequest;
 use crate::fleet::{FleetConfigError, FleetOptions, FleetSource};
 use crate::model::{EgressKind, Settings, cores_to_millicores};
 use crate::queue::QueueName;
 use crate::tls::TlsSettings;
+use crate::webhook::AutoRecord;
 
 /// `egress-scaler`: a durable queue, a KEDA external scaler and a dispatcher for LiveKit egress.
 #[derive(Debug, Parser)]
@@ -123,6 +126,28 @@ pub struct ServeArgs {
     /// PEM CA bundle: gRPC clients must present a certificate it signed (mutual TLS).
     #[arg(long, value_name = "FILE", env = "EGRESS_SCALER_TLS_CLIENT_CA")]
     pub tls_client_ca: Option<PathBuf>,
+    /// Dispatch order: strict FIFO, or backfill smaller jobs past a head that fits nowhere
+    /// [default: strict].
+    #[arg(long, value_enum, env = "EGRESS_SCALER_ORDER")]
+    pub order: Option<Order>,
+    /// Dispatcher lease time: a standby takes over within it when the leader dies, seconds
+    /// [default: 10].
+    #[arg(long, env = "EGRESS_SCALER_LEASE_SECONDS")]
+    pub lease_seconds: Option<f64>,
+    /// How long a start answered `not_found` (room not created yet) is retried before the
+    /// ticket fails, seconds [default: 60].
+    #[arg(long, env = "EGRESS_SCALER_NOT_FOUND_RETRY_SECONDS")]
+    pub not_found_retry_seconds: Option<f64>,
+    /// Queue an egress of this kind for every room_started webhook.
+    #[arg(long, value_name = "KIND", env = "EGRESS_SCALER_AUTO_RECORD")]
+    pub auto_record: Option<EgressKind>,
+    /// With --auto-record: only rooms whose whole name matches this regular expression.
+    #[arg(long, value_name = "REGEX", env = "EGRESS_SCALER_AUTO_RECORD_ROOMS")]
+    pub auto_record_rooms: Option<String>,
+    /// With --auto-record: the kind's request as protobuf JSON, without the room name
+    /// (outputs, layout, ...).
+    #[arg(long, value_name = "FILE", env = "EGRESS_SCALER_AUTO_RECORD_TEMPLATE")]
+    pub auto_record_template: Option<PathBuf>,
 }
 
 /// Flags of `enqueue`.
@@ -191,6 +216,12 @@ struct FileConfig {
     tls_cert: Option<PathBuf>,
     tls_key: Option<PathBuf>,
     tls_client_ca: Option<PathBuf>,
+    order: Option<Order>,
+    lease_seconds: Option<f64>,
+    not_found_retry_seconds: Option<f64>,
+    auto_record: Option<String>,
+    auto_record_rooms: Option<String>,
+    auto_record_template: Option<PathBuf>,
 }
 
 /// LiveKit API key and secret (from the environment only, never flags).
@@ -230,10 +261,20 @@ pub struct ServeConfig {
     pub default_queue: QueueName,
     /// livekit-server URL, when the dispatcher should run.
     pub livekit_url: Option<String>,
-    /// API credentials: HTTP API auth and the dispatcher's Twirp calls.
+    /// API credentials: HTTP API auth, webhook verification and the dispatcher's Twirp calls.
     pub credentials: Option<ApiCredentials>,
     /// TLS of the gRPC listener; plaintext when `None`.
     pub grpc_tls: Option<TlsSettings>,
+    /// Dispatch order.
+    pub order: Order,
+    /// Dispatcher lease time.
+    pub lease: Duration,
+    /// How long a start answered `not_found` is retried.
+    pub not_found_retry: Duration,
+    /// Recording of every new room, from `room_started` webhooks.
+    pub auto_record: Option<AutoRecord>,
+    /// This process's name in the dispatcher lease (`HOSTNAME`, the pod name in Kubernetes).
+    pub holder_name: String,
 }
 
 /// A setting has a value that cannot be used.
@@ -413,6 +454,53 @@ impl ServeArgs {
             self.tls_key.or(file.tls_key),
             self.tls_client_ca.or(file.tls_client_ca),
         )?;
+        if livekit_url.is_some() {
+            if credentials.is_none() {
+                return Err(invalid(
+                    "LIVEKIT_API_KEY",
+                    "must be set, with LIVEKIT_API_SECRET, for the dispatcher of --livekit-url",
+                ));
+            }
+            if matches!(fleet_source, FleetSource::None) {
+                return Err(invalid(
+                    "--livekit-url",
+                    "the dispatcher needs a fleet source (--egress-metrics, --egress-dns or \
+                     --prometheus-url): without one the fleet shows no capacity and nothing \
+                     would ever start",
+                ));
+            }
+        }
+        let order = self.order.or(file.order).unwrap_or_default();
+        let lease = match self.lease_seconds.or(file.lease_seconds) {
+            Some(seconds) => positive_seconds("--lease-seconds", seconds)?,
+            None => Duration::from_secs(10),
+        };
+        let not_found_retry = match self
+            .not_found_retry_seconds
+            .or(file.not_found_retry_seconds)
+        {
+            Some(seconds) => positive_seconds("--not-found-retry-seconds", seconds)?,
+            None => Duration::from_secs(60),
+        };
+        let auto_record_kind = match self.auto_record {
+            Some(kind) => Some(kind),
+            None => file
+                .auto_record
+                .map(|kind| {
+                    kind.parse::<EgressKind>()
+                        .map_err(|error| invalid("--auto-record", error.to_string()))
+                })
+                .transpose()?,
+        };
+        let auto_record = auto_record_settings(
+            auto_record_kind,
+            self.auto_record_rooms.or(file.auto_record_rooms),
+            self.auto_record_template.or(file.auto_record_template),
+            credentials.is_some(),
+        )?;
+        let holder_name = env
+            .var("HOSTNAME")
+            .unwrap_or_else(|| "egress-scaler".to_owned());
 
         Ok(ServeConfig {
             redis_url,
@@ -425,6 +513,11 @@ impl ServeArgs {
             livekit_url,
             credentials,
             grpc_tls,
+            order,
+            lease,
+            not_found_retry,
+            auto_record,
+            holder_name,
         })
     }
 }
@@ -456,6 +549,80 @@ fn grpc_tls(
         .load()
         .map_err(|error| invalid(error.file.flag(), error.to_string()))?;
     Ok(Some(settings))
+}
+
+/// Validates the auto-record settings: the template must make a valid request of the kind
+/// for any room, so that a bad file stops `serve` rather than every room's recording.
+fn auto_record_settings(
+    kind: Option<EgressKind>,
+    rooms: Option<String>,
+    template: Option<PathBuf>,
+    have_credentials: bool,
+) -> Result<Option<AutoRecord>, ConfigError> {
+    let Some(kind) = kind else {
+        if rooms.is_some() {
+            return Err(invalid(
+                "--auto-record-rooms",
+                "is set without --auto-record",
+            ));
+        }
+        if template.is_some() {
+            return Err(invalid(
+                "--auto-record-template",
+                "is set without --auto-record",
+            ));
+        }
+        return Ok(None);
+    };
+    if !have_credentials {
+        return Err(invalid(
+            "--auto-record",
+            "needs LIVEKIT_API_KEY and LIVEKIT_API_SECRET to verify the room_started webhooks",
+        ));
+    }
+    let rooms = rooms
+        .map(|pattern| {
+            regex::Regex::new(&format!("^(?:{pattern})$"))
+                .map_err(|error| invalid("--auto-record-rooms", error.to_string()))
+        })
+        .transpose()?;
+    let (setting, template) = match template {
+        Some(path) => {
+            let text = std::fs::read_to_string(&path).map_err(|error| {
+                invalid(
+                    "--auto-record-template",
+                    format!("cannot read {}: {error}", path.display()),
+                )
+            })?;
+            let value: serde_json::Value = serde_json::from_str(&text).map_err(|error| {
+                invalid(
+                    "--auto-record-template",
+                    format!("{} is not JSON: {error}", path.display()),
+                )
+            })?;
+            let names_room = ["roomName", "room_name"].iter().any(|key| {
+                value
+                    .get(key)
+                    .and_then(|v| v.as_str())
+                    .is_some_and(|v| !v.is_empty())
+            });
+            if names_room {
+                return Err(invalid(
+                    "--auto-record-template",
+                    "must not set the room name: it is each started room's",
+                ));
+            }
+            ("--auto-record-template", Some(value))
+        }
+        None => ("--auto-record", None),
+    };
+    StartRequest::parse(kind, "auto-record-check", template.clone())
+        .map_err(|error| invalid(setting, error.to_string()))?;
+    Ok(Some(AutoRecord {
+        kind,
+        rooms,
+        template,
+    }))
 }
 
 fn read_file_config(path: &Path) -> Result<FileConfig, ConfigError> {
@@ -657,6 +824,109 @@ mod tests {
         )
         .unwrap();
         assert!(!format!("{:?}", config.credentials).contains("\"s\""));
+    }
+
+    #[test]
+    fn the_dispatcher_needs_credentials_and_a_fleet_source() {
+        let creds = [("LIVEKIT_API_KEY", "key"), ("LIVEKIT_API_SECRET", "s")];
+        let error = resolve(&["--livekit-url", "http://lk:7880"], &[]).unwrap_err();
+        assert_eq!(error.setting, "LIVEKIT_API_KEY");
+        let error = resolve(&["--livekit-url", "http://lk:7880"], &creds).unwrap_err();
+        assert_eq!(error.setting, "--livekit-url");
+        assert!(error.reason.contains("fleet source"), "{error}");
+        let config = resolve(
+            &[
+                "--livekit-url",
+                "ws://lk:7880",
+                "--egress-dns",
+                "egress.ns:9090",
+                "--order",
+                "backfill",
+                "--lease-seconds",
+                "5",
+            ],
+            &creds,
+        )
+        .unwrap();
+        assert_eq!(config.order, Order::Backfill);
+        assert_eq!(config.lease, Duration::from_secs(5));
+        assert_eq!(config.not_found_retry, Duration::from_secs(60));
+        let error = resolve(&["--lease-seconds", "0"], &[]).unwrap_err();
+        assert_eq!(error.setting, "--lease-seconds");
+    }
+
+    #[test]
+    fn auto_record_is_validated_at_startup() {
+        let creds = [("LIVEKIT_API_KEY", "key"), ("LIVEKIT_API_SECRET", "s")];
+        let error = resolve(&["--auto-record", "room_composite"], &[]).unwrap_err();
+        assert_eq!(error.setting, "--auto-record");
+        let error = resolve(&["--auto-record-rooms", "x"], &creds).unwrap_err();
+        assert_eq!(error.setting, "--auto-record-rooms");
+        let error = resolve(&["--auto-record", "track"], &creds).unwrap_err();
+        assert_eq!(
+            error.setting, "--auto-record",
+            "a track egress needs a track id"
+        );
+        let error = resolve(
+            &[
+                "--auto-record",
+                "room_composite",
+                "--auto-record-rooms",
+                "(",
+            ],
+            &creds,
+        )
+        .unwrap_err();
+        assert_eq!(error.setting, "--auto-record-rooms");
+
+        let dir = std::env::temp_dir().join(format!("egress-scaler-auto-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("template.json");
+        let path_str = path.to_str().unwrap();
+        std::fs::write(
+            &path,
+            r#"{"layout": "grid", "fileOutputs": [{"filepath": "{room_name}.mp4"}]}"#,
+        )
+        .unwrap();
+        let config = resolve(
+            &[
+                "--auto-record",
+                "room_composite",
+                "--auto-record-rooms",
+                "team-.*",
+                "--auto-record-template",
+                path_str,
+            ],
+            &creds,
+        )
+        .unwrap();
+        let auto = config.auto_record.unwrap();
+        assert!(auto.records("team-a") && !auto.records("a-team-a"));
+        std::fs::write(&path, r#"{"roomName": "fixed"}"#).unwrap();
+        let error = resolve(
+            &[
+                "--auto-record",
+                "room_composite",
+                "--auto-record-template",
+                path_str,
+            ],
+            &creds,
+        )
+        .unwrap_err();
+        assert_eq!(error.setting, "--auto-record-template");
+        std::fs::write(&path, r#"{"layout": 5}"#).unwrap();
+        let error = resolve(
+            &[
+                "--auto-record",
+                "room_composite",
+                "--auto-record-template",
+                path_str,
+            ],
+            &creds,
+        )
+        .unwrap_err();
+        assert_eq!(error.setting, "--auto-record-template");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

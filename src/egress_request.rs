@@ -117,6 +117,80 @@ impl StartRequest {
         })
     }
 
+    /// The egress kind the request starts (audio-only composites are their own kinds).
+    pub fn kind(&self) -> EgressKind {
+        match self {
+            StartRequest::RoomComposite(request) if request.audio_only => {
+                EgressKind::AudioRoomComposite
+            }
+            StartRequest::RoomComposite(_) => EgressKind::RoomComposite,
+            StartRequest::Web(request) if request.audio_only => EgressKind::AudioWeb,
+            StartRequest::Web(_) => EgressKind::Web,
+            StartRequest::Participant(_) => EgressKind::Participant,
+            StartRequest::TrackComposite(_) => EgressKind::TrackComposite,
+            StartRequest::Track(_) => EgressKind::Track,
+        }
+    }
+
+    /// The room it records; `None` for web egress, which records a URL.
+    pub fn room_name(&self) -> Option<&str> {
+        match self {
+            StartRequest::RoomComposite(request) => Some(&request.room_name),
+            StartRequest::Web(_) => None,
+            StartRequest::Participant(request) => Some(&request.room_name),
+            StartRequest::TrackComposite(request) => Some(&request.room_name),
+            StartRequest::Track(request) => Some(&request.room_name),
+        }
+    }
+
+    /// The Twirp method of `livekit.Egress` that starts it.
+    pub fn method(&self) -> &'static str {
+        match self {
+            StartRequest::RoomComposite(_) => "StartRoomCompositeEgress",
+            StartRequest::Web(_) => "StartWebEgress",
+            StartRequest::Participant(_) => "StartParticipantEgress",
+            StartRequest::TrackComposite(_) => "StartTrackCompositeEgress",
+            StartRequest::Track(_) => "StartTrackEgress",
+        }
+    }
+
+    /// The request in protobuf binary encoding, as sent to livekit-server.
+    pub fn encode_to_vec(&self) -> Vec<u8> {
+        use prost::Message;
+        match self {
+            StartRequest::RoomComposite(request) => request.encode_to_vec(),
+            StartRequest::Web(request) => request.encode_to_vec(),
+            StartRequest::Participant(request) => request.encode_to_vec(),
+            StartRequest::TrackComposite(request) => request.encode_to_vec(),
+            StartRequest::Track(request) => request.encode_to_vec(),
+        }
+    }
+
+    /// The request as `EgressInfo` carries it.
+    pub fn to_info_request(&self) -> proto::egress_info::Request {
+        use proto::egress_info::Request;
+        match self.clone() {
+            StartRequest::RoomComposite(request) => Request::RoomComposite(request),
+            StartRequest::Web(request) => Request::Web(request),
+            StartRequest::Participant(request) => Request::Participant(request),
+            StartRequest::TrackComposite(request) => Request::TrackComposite(request),
+            StartRequest::Track(request) => Request::Track(request),
+        }
+    }
+
+    /// The start request an `EgressInfo` carries, when it is one of the five kinds here.
+    pub fn from_info_request(request: &proto::egress_info::Request) -> Option<Self> {
+        use proto::egress_info::Request;
+        Some(match request.clone() {
+            Request::RoomComposite(request) => StartRequest::RoomComposite(request),
+            Request::Web(request) => StartRequest::Web(request),
+            Request::Participant(request) => StartRequest::Participant(request),
+            Request::TrackComposite(request) => StartRequest::TrackComposite(request),
+            Request::Track(request) => StartRequest::Track(request),
+            Request::Egress(_) | Request::Replay(_) => return None,
+        })
+    }
+
     /// The request as protobuf JSON, the form stored with the ticket.
     pub fn to_json(&self) -> String {
         let encoded = match self {
@@ -215,5 +289,26 @@ mod tests {
             .is_ok()
         );
         assert!(StartRequest::parse(EgressKind::TrackComposite, "a", None).is_err());
+    }
+
+    #[test]
+    fn kinds_methods_and_info_requests_round_trip() {
+        let parsed = StartRequest::parse(EgressKind::AudioRoomComposite, "r", None).unwrap();
+        assert_eq!(parsed.kind(), EgressKind::AudioRoomComposite);
+        assert_eq!(parsed.method(), "StartRoomCompositeEgress");
+        assert_eq!(parsed.room_name(), Some("r"));
+        let info = parsed.to_info_request();
+        assert_eq!(StartRequest::from_info_request(&info), Some(parsed.clone()));
+        let web = StartRequest::parse(
+            EgressKind::Web,
+            "r",
+            Some(json!({"url": "https://example.com"})),
+        )
+        .unwrap();
+        assert_eq!((web.kind(), web.room_name()), (EgressKind::Web, None));
+        use prost::Message;
+        let decoded =
+            proto::RoomCompositeEgressRequest::decode(parsed.encode_to_vec().as_slice()).unwrap();
+        assert!(decoded.audio_only);
     }
 }

@@ -1,5 +1,5 @@
 //! The HTTP API of DESIGN.md 5: enqueue, ticket lookup, cancel, status, `/metrics`,
-//! `/healthz`, `/readyz`. Bodies are validated here into queue types; errors are JSON with a
+//! `/healthz`, `/readyz`, and the LiveKit webhook route of [`crate::webhook`]. Bodies are validated here into queue types; errors are JSON with a
 //! precise status and never carry internal error text.
 
 use std::collections::BTreeMap;
@@ -20,13 +20,15 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use crate::config::ApiCredentials;
+use crate::dispatch::lease::{LeaderInfo, read_leader};
 use crate::egress_request::StartRequest;
 use crate::fleet::{Fleet, FleetView};
 use crate::model::{Decision, EgressKind, PodState, Settings, decide};
 use crate::queue::{
     CancelOutcome, NewRequest, QueueError, QueueName, QueueStore, Ticket, TicketId, TicketState,
 };
-use crate::telemetry::{EnqueueLabels, EnqueueOutcome, Metrics};
+use crate::telemetry::{DispatchMetrics, EnqueueLabels, EnqueueOutcome, Metrics};
+use crate::webhook::{self, MAX_WEBHOOK_BYTES, Webhooks};
 
 /// Largest accepted request body.
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
@@ -46,8 +48,12 @@ pub struct AppState {
     pub verifier: Option<Arc<TokenVerifier>>,
     /// Own metrics.
     pub metrics: Arc<Metrics>,
+    /// The dispatcher's and webhooks' metrics.
+    pub dispatch_metrics: Arc<DispatchMetrics>,
     /// The registry served on `/metrics`.
     pub registry: Arc<Registry>,
+    /// The webhook receiver, when credentials are configured.
+    pub webhooks: Option<Arc<Webhooks>>,
 }
 
 impl AppState {
@@ -67,8 +73,14 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/v1/status", get(status))
         .layer(middleware::from_fn_with_state(state.clone(), authenticate));
-    Router::new()
-        .merge(api)
+    let mut router = Router::new().merge(api);
+    if state.webhooks.is_some() {
+        router = router.route(
+            "/webhook/livekit",
+            axum::routing::post(webhook::receive).layer(DefaultBodyLimit::max(MAX_WEBHOOK_BYTES)),
+        );
+    }
+    router
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready))
@@ -153,7 +165,8 @@ fn check_token(verifier: &TokenVerifier, headers: &HeaderMap) -> Result<(), ApiE
     Ok(())
 }
 
-fn now_ms() -> u64 {
+/// The wall clock in ms since the Unix epoch, the time base of stored tickets.
+pub fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
@@ -406,6 +419,12 @@ pub struct QueueStatus {
     pub active: u64,
     /// Failed tickets kept for inspection.
     pub dead_letters: u64,
+    /// The newest dead letters with their errors.
+    #[serde(default)]
+    pub recent_dead_letters: Vec<DeadLetter>,
+    /// The dispatcher leading this queue, if any.
+    #[serde(default)]
+    pub leader: Option<LeaderStatus>,
     /// Desired replicas with the process settings, when the fleet is known.
     pub desired_replicas: Option<u32>,
     /// Why that many.
@@ -413,6 +432,50 @@ pub struct QueueStatus {
     /// The decision in numbers.
     pub decision: Option<Value>,
 }
+
+/// A failed ticket in `GET /v1/status`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct DeadLetter {
+    /// Ticket id.
+    pub ticket: String,
+    /// Egress kind.
+    pub kind: String,
+    /// Room.
+    pub room_name: String,
+    /// Why it failed.
+    pub error: Option<String>,
+    /// When it failed.
+    pub failed_at: Option<String>,
+}
+
+/// The dispatcher lease of a queue in `GET /v1/status`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct LeaderStatus {
+    /// The holder's id.
+    pub holder: String,
+    /// Seconds since it acquired the lease.
+    pub lease_age_seconds: Option<f64>,
+    /// Seconds before the lease expires unless renewed.
+    pub expires_in_seconds: f64,
+    /// The current fencing token.
+    pub fence: Option<u64>,
+}
+
+impl LeaderStatus {
+    fn new(info: LeaderInfo, now_ms: u64) -> Self {
+        LeaderStatus {
+            holder: info.holder,
+            lease_age_seconds: info
+                .since_ms
+                .map(|since| now_ms.saturating_sub(since) as f64 / 1000.0),
+            expires_in_seconds: info.expires_in_ms as f64 / 1000.0,
+            fence: info.fence,
+        }
+    }
+}
+
+/// Dead letters shown per queue in the status.
+const RECENT_DEAD_LETTERS: usize = 5;
 
 /// The fleet in `GET /v1/status`.
 #[derive(Debug, Serialize, Deserialize)]
@@ -484,6 +547,22 @@ pub async fn build_status(state: &AppState) -> Result<StatusAnswer, QueueError> 
     for queue in queues {
         let stats = state.store.stats(&queue).await?;
         state.metrics.record_queue(&queue, &stats, now);
+        let recent_dead_letters = state
+            .store
+            .dead_letters(&queue, RECENT_DEAD_LETTERS)
+            .await?
+            .into_iter()
+            .map(|ticket| DeadLetter {
+                ticket: ticket.id.to_string(),
+                kind: ticket.kind.to_string(),
+                room_name: ticket.room_name,
+                error: ticket.error,
+                failed_at: ticket.ended_at_ms.map(rfc3339),
+            })
+            .collect();
+        let leader = read_leader(&state.store, &queue)
+            .await?
+            .map(|info| LeaderStatus::new(info, now));
         let decision: Option<Decision> = view
             .as_ref()
             .map(|view| decide(&state.settings, &stats.demand, &view.snapshot()));
@@ -505,6 +584,8 @@ pub async fn build_status(state: &AppState) -> Result<StatusAnswer, QueueError> 
             dispatching: stats.dispatching,
             active: stats.active,
             dead_letters: stats.dead_letters,
+            recent_dead_letters,
+            leader,
             desired_replicas: decision.as_ref().map(|d| d.desired),
             reasons,
             decision: decision.as_ref().and_then(|d| serde_json::to_value(d).ok()),

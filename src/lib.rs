@@ -3,10 +3,12 @@
 //! Modules, in the order data flows:
 //! - [`config`]: flags, environment and TOML file, parsed once into typed settings.
 //! - [`intake`]: the HTTP API (enqueue, lookup, cancel, status, metrics, health).
+//! - [`webhook`]: LiveKit webhooks: confirm, end and cancel tickets, auto-record new rooms.
 //! - [`egress_request`]: the LiveKit start request of a ticket, validated per kind.
 //! - [`queue`]: the Redis FIFO of egress requests with de-duplication and demand counters.
 //! - [`fleet`]: background observer of the egress pods' metrics: the snapshot the model reads.
 //! - [`model`]: the replica model, pure: demand + fleet snapshot + settings -> decision.
+//! - [`dispatch`]: one leader per queue starts the head through livekit-server, exactly once.
 //! - [`scaler`]: the KEDA external scaler gRPC service over the model.
 //! - [`tls`]: TLS and mutual TLS of the gRPC listener, certificates reloaded on change.
 //! - [`telemetry`]: the metrics registry and logging.
@@ -18,6 +20,7 @@
 
 pub mod cli;
 pub mod config;
+pub mod dispatch;
 pub mod egress_request;
 pub mod fleet;
 pub mod intake;
@@ -29,3 +32,4 @@ pub mod server;
 pub mod standin;
 pub mod telemetry;
 pub mod tls;
+pub mod webhook;

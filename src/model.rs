@@ -542,6 +542,78 @@ pub fn decide(settings: &Settings, demand: &Demand, fleet: &FleetSnapshot) -> De
     }
 }
 
+/// The type label `livekit_egress_requests` gives a job of `kind` on the pod.
+pub fn reported_type(kind: EgressKind) -> &'static str {
+    match kind {
+        EgressKind::RoomComposite | EgressKind::AudioRoomComposite => "room_composite",
+        EgressKind::Web | EgressKind::AudioWeb => "web",
+        EgressKind::Participant => "participant",
+        EgressKind::TrackComposite => "track_composite",
+        EgressKind::Track => "track",
+    }
+}
+
+/// What one pod can still take: its metrics plus the jobs started on it since they were read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodLoad {
+    /// Only a ready pod takes jobs (a starting pod may not have joined livekit-server yet).
+    pub ready: bool,
+    /// Jobs running on it.
+    pub jobs: u64,
+    /// CPU those jobs cost.
+    pub used: Millicores,
+    /// False when the pod says it cannot take a video composite now.
+    pub video_ok: bool,
+}
+
+impl PodLoad {
+    /// The load of a pod as observed.
+    pub fn of(pod: &Pod, costs: &CostTable) -> Self {
+        PodLoad {
+            ready: pod.state == PodState::Ready,
+            jobs: pod.active_total(),
+            used: pod.used_cpu(costs),
+            video_ok: pod.can_accept_video != Some(false),
+        }
+    }
+
+    /// DESIGN.md 2.1 admission: an idle pod takes any job costing at most its CPU; a busy pod
+    /// takes a job when `C * u - used >= cost`.
+    pub fn admits(&self, settings: &Settings, kind: EgressKind) -> bool {
+        if !self.ready || (kind.is_video_composite() && !self.video_ok) {
+            return false;
+        }
+        let cost = settings.costs.cost(kind);
+        if self.jobs == 0 {
+            cost <= settings.pod_cpu
+        } else {
+            self.used.saturating_add(cost) <= settings.busy_capacity()
+        }
+    }
+
+    /// Counts one more job of `kind` on the pod.
+    pub fn add(&mut self, settings: &Settings, kind: EgressKind) {
+        self.jobs += 1;
+        self.used = self.used.saturating_add(settings.costs.cost(kind));
+    }
+}
+
+/// The pod livekit-server gives a job of `kind`, as far as the arithmetic can tell: among the
+/// pods that admit it, a busy one (affinity 1) before an idle one (0.5); among busy pods the
+/// fullest, so that jobs are packed; among idle pods the first. `None` when no pod admits it.
+pub fn choose_pod(settings: &Settings, pods: &[PodLoad], kind: EgressKind) -> Option<usize> {
+    let admitting = pods
+        .iter()
+        .enumerate()
+        .filter(|(_, pod)| pod.admits(settings, kind));
+    let busy = admitting
+        .clone()
+        .filter(|(_, pod)| pod.jobs > 0)
+        .max_by_key(|(index, pod)| (pod.used, std::cmp::Reverse(*index)));
+    busy.or_else(|| admitting.clone().next())
+        .map(|(index, _)| index)
+}
+
 /// Places up to `per_pod` jobs of `cost` on each pod of the group, taking them from `left`.
 /// Pods that received jobs are split off into `filled` (as busy pods); the group keeps the
 /// pods that received none. Returns the number of jobs placed.
@@ -592,6 +664,67 @@ mod tests {
     }
 
     use EgressKind::*;
+
+    #[test]
+    fn admission_follows_design_2_1() {
+        let settings = Settings::default();
+        let idle = PodLoad {
+            ready: true,
+            jobs: 0,
+            used: 0,
+            video_ok: true,
+        };
+        assert!(idle.admits(&settings, RoomComposite));
+        let mut one_composite = idle.clone();
+        one_composite.add(&settings, RoomComposite);
+        // 3.2 - 4 < 4, and 3.2 - 4 < 0.5: a 4-core pod runs exactly one video composite.
+        assert!(!one_composite.admits(&settings, RoomComposite));
+        assert!(!one_composite.admits(&settings, Track));
+        let mut tracks = idle.clone();
+        for _ in 0..6 {
+            assert!(tracks.admits(&settings, Track));
+            tracks.add(&settings, Track);
+        }
+        assert!(!tracks.admits(&settings, Track), "6 x 0.5 + 0.5 > 3.2");
+        let big = Settings {
+            costs: {
+                let mut costs = CostTable::default();
+                costs.set(RoomComposite, 5000);
+                costs
+            },
+            ..Settings::default()
+        };
+        assert!(!idle.admits(&big, RoomComposite), "more than the whole pod");
+        let no_video = PodLoad {
+            video_ok: false,
+            ..idle.clone()
+        };
+        assert!(!no_video.admits(&settings, Web));
+        assert!(no_video.admits(&settings, AudioWeb));
+        let starting = PodLoad {
+            ready: false,
+            ..idle
+        };
+        assert!(!starting.admits(&settings, Track));
+    }
+
+    #[test]
+    fn the_fullest_busy_pod_is_chosen_before_an_idle_one() {
+        let settings = Settings::default();
+        let load = |jobs, used| PodLoad {
+            ready: true,
+            jobs,
+            used,
+            video_ok: true,
+        };
+        let pods = [load(0, 0), load(1, 500), load(2, 2000), load(1, 3000)];
+        assert_eq!(choose_pod(&settings, &pods, Track), Some(2));
+        assert_eq!(choose_pod(&settings, &pods, RoomComposite), Some(0));
+        assert_eq!(choose_pod(&settings, &pods, Participant), Some(1));
+        assert_eq!(choose_pod(&settings, &pods[3..], RoomComposite), None);
+        assert_eq!(reported_type(AudioRoomComposite), "room_composite");
+        assert_eq!(reported_type(AudioWeb), "web");
+    }
 
     #[test]
     fn three_room_composites_and_no_pods_need_three() {

@@ -40,12 +40,18 @@
 //! | `egress-scaler:{q}:egress` | HASH | LiveKit egress id -> id of its active ticket |
 //! | `egress-scaler:{q}:room:<room name>` | SET | ids of the queued tickets of one room |
 //! | `egress-scaler:{q}:events` | pub/sub channel | the queue name is published on every change (classic `PUBLISH`: every node of a cluster hears it) |
+//! | `egress-scaler:{q}:fence` | STRING | the dispatcher lease's fencing counter (`INCR` on each acquisition, see `dispatch::lease`) |
 //!
 //! Ticket hash fields: `state`, `kind`, `room`, `request` (optional, the LiveKit request
 //! verbatim), `dedup`, `seq` (enqueue sequence number), `enqueued_at`; `attempt` and
-//! `dispatching_at` while dispatching; `egress_id` and `started_at` once active; `ended_at`
-//! once finished; `error` when failed. Times are milliseconds since the Unix epoch, given by
-//! the caller. The counter hashes hold non-zero kinds only: a missing kind counts zero.
+//! `dispatching_at` while dispatching; `last_attempt_at` once an attempt was put back;
+//! `egress_id` and `started_at` once active; `ended_at` once finished; `error` when failed.
+//! Times are milliseconds since the Unix epoch, given by the caller. The counter hashes hold
+//! non-zero kinds only: a missing kind counts zero.
+//!
+//! The dispatcher writes through [`QueueStore::fenced`]: each of its transitions carries the
+//! fencing token of its lease, and the script refuses it ([`QueueError::Fenced`]) once a newer
+//! dispatcher has taken the lease over.
 //!
 //! # Ticket states
 //!
@@ -362,6 +368,9 @@ pub enum QueueError {
     /// Redis answered with data this code did not write.
     #[error("queue data is corrupt: {0}")]
     Corrupt(String),
+    /// A dispatcher write carried a stale fencing token: a newer dispatcher holds the lease.
+    #[error("a newer dispatcher holds the lease")]
+    Fenced,
 }
 
 impl QueueError {
@@ -370,6 +379,7 @@ impl QueueError {
         match self {
             QueueError::Unavailable(_) => "unavailable",
             QueueError::Corrupt(_) => "corrupt",
+            QueueError::Fenced => "fenced",
         }
     }
 }
@@ -473,11 +483,86 @@ fn transition<'a>(script: &'a Script, ticket: &TicketId) -> ScriptInvocation<'a>
         .key(keys.key("dedup"))
         .key(keys.key("egress"))
         .key(keys.key("seq"))
+        .key(keys.key("fence"))
         .arg(&keys.prefix)
         .arg(ticket.as_str())
         .arg(events_channel(&queue))
         .arg(queue.as_str());
     invocation
+}
+
+/// A ticket claimed by the dispatcher.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Claimed {
+    /// The ticket, now dispatching.
+    pub ticket: Ticket,
+    /// When an earlier attempt on it began (it was put back since): that attempt may have
+    /// started an egress after all, so look before starting another.
+    pub last_attempt_at_ms: Option<u64>,
+}
+
+/// The dispatcher's transitions, fenced by the token of its lease (see [`QueueStore::fenced`]).
+#[derive(Debug, Clone, Copy)]
+pub struct FencedStore<'a> {
+    store: &'a QueueStore,
+    token: u64,
+}
+
+impl FencedStore<'_> {
+    /// The fencing token passed with every write.
+    pub fn token(&self) -> u64 {
+        self.token
+    }
+
+    /// queued -> dispatching for `attempt_id`; `None` when it was not queued.
+    pub async fn claim(
+        &self,
+        ticket: &TicketId,
+        attempt_id: &str,
+        now_ms: u64,
+    ) -> Result<Option<Claimed>, QueueError> {
+        self.store
+            .claim_with(ticket, attempt_id, now_ms, Some(self.token))
+            .await
+    }
+
+    /// dispatching (by `attempt_id`) -> queued, at its original place.
+    pub async fn requeue(&self, ticket: &TicketId, attempt_id: &str) -> Result<bool, QueueError> {
+        self.store
+            .requeue_with(ticket, attempt_id, Some(self.token))
+            .await
+    }
+
+    /// queued | dispatching -> active, recording `egress_id`.
+    pub async fn mark_started(
+        &self,
+        ticket: &TicketId,
+        egress_id: &str,
+        now_ms: u64,
+    ) -> Result<bool, QueueError> {
+        self.store
+            .mark_started_with(ticket, egress_id, now_ms, Some(self.token))
+            .await
+    }
+
+    /// queued | dispatching -> failed, a dead letter keeping `error`.
+    pub async fn mark_failed(
+        &self,
+        ticket: &TicketId,
+        error: &str,
+        now_ms: u64,
+    ) -> Result<bool, QueueError> {
+        self.store
+            .mark_failed_with(ticket, error, now_ms, Some(self.token))
+            .await
+    }
+
+    /// active | dispatching -> ended.
+    pub async fn mark_ended(&self, ticket: &TicketId, now_ms: u64) -> Result<bool, QueueError> {
+        self.store
+            .mark_ended_with(ticket, now_ms, Some(self.token))
+            .await
+    }
 }
 
 /// The queue in Redis. Cheap to clone: clones share one multiplexed connection (one per
@@ -792,21 +877,13 @@ impl QueueStore {
         attempt_id: &str,
         now_ms: u64,
     ) -> Result<Option<Ticket>, QueueError> {
-        let mut invocation = transition(&CLAIM, ticket);
-        invocation.arg(attempt_id).arg(now_ms);
-        let fields: HashMap<String, String> =
-            decode(self.invoke(&invocation).await?, "claim reply")?;
-        if fields.is_empty() {
-            return Ok(None);
-        }
-        parse_ticket(ticket.clone(), fields).map(Some)
+        let claimed = self.claim_with(ticket, attempt_id, now_ms, None).await?;
+        Ok(claimed.map(|claimed| claimed.ticket))
     }
 
     /// dispatching (by `attempt_id`) -> queued, back at its original place in the FIFO.
     pub async fn requeue(&self, ticket: &TicketId, attempt_id: &str) -> Result<bool, QueueError> {
-        let mut invocation = transition(&REQUEUE, ticket);
-        invocation.arg(attempt_id);
-        self.applied(&invocation).await
+        self.requeue_with(ticket, attempt_id, None).await
     }
 
     /// queued | dispatching -> active, recording `egress_id`.
@@ -816,9 +893,8 @@ impl QueueStore {
         egress_id: &str,
         now_ms: u64,
     ) -> Result<bool, QueueError> {
-        let mut invocation = transition(&START, ticket);
-        invocation.arg(egress_id).arg(now_ms);
-        self.applied(&invocation).await
+        self.mark_started_with(ticket, egress_id, now_ms, None)
+            .await
     }
 
     /// queued | dispatching -> failed: frees the dedup key, keeps a dead letter.
@@ -828,6 +904,112 @@ impl QueueStore {
         error: &str,
         now_ms: u64,
     ) -> Result<bool, QueueError> {
+        self.mark_failed_with(ticket, error, now_ms, None).await
+    }
+
+    /// active | dispatching -> ended: frees the dedup key.
+    pub async fn mark_ended(&self, ticket: &TicketId, now_ms: u64) -> Result<bool, QueueError> {
+        self.mark_ended_with(ticket, now_ms, None).await
+    }
+
+    /// The dispatcher's writes, each refused with [`QueueError::Fenced`] unless `token` is
+    /// the current fencing token of the queue's dispatcher lease.
+    pub fn fenced(&self, token: u64) -> FencedStore<'_> {
+        FencedStore { store: self, token }
+    }
+
+    /// When the last attempt that was put back ([`QueueStore::requeue`]) began, if any.
+    pub async fn last_attempt_at(&self, ticket: &TicketId) -> Result<Option<u64>, QueueError> {
+        let keys = Keys::of(&ticket.queue());
+        let value = self
+            .query(
+                redis::cmd("HGET")
+                    .arg(keys.ticket(ticket))
+                    .arg("last_attempt_at"),
+            )
+            .await?;
+        let value: Option<String> = decode(value, "last_attempt_at")?;
+        value
+            .map(|text| {
+                text.parse().map_err(|_| {
+                    QueueError::Corrupt(format!("ticket {ticket}: last_attempt_at {text:?}"))
+                })
+            })
+            .transpose()
+    }
+
+    /// Runs a script of another module (the dispatcher lease) with the store's timeouts and
+    /// reconnection.
+    pub(crate) async fn run_script(
+        &self,
+        invocation: &ScriptInvocation<'_>,
+    ) -> Result<Value, QueueError> {
+        self.invoke(invocation).await
+    }
+
+    async fn claim_with(
+        &self,
+        ticket: &TicketId,
+        attempt_id: &str,
+        now_ms: u64,
+        fence: Option<u64>,
+    ) -> Result<Option<Claimed>, QueueError> {
+        let mut invocation = transition(&CLAIM, ticket);
+        invocation.arg(attempt_id).arg(now_ms);
+        if let Some(token) = fence {
+            invocation.arg(token);
+        }
+        let fields: HashMap<String, String> =
+            decode(self.invoke_fenced(&invocation).await?, "claim reply")?;
+        if fields.is_empty() {
+            return Ok(None);
+        }
+        let last_attempt_at_ms = fields
+            .get("last_attempt_at")
+            .and_then(|text| text.parse().ok());
+        let ticket = parse_ticket(ticket.clone(), fields)?;
+        Ok(Some(Claimed {
+            ticket,
+            last_attempt_at_ms,
+        }))
+    }
+
+    async fn requeue_with(
+        &self,
+        ticket: &TicketId,
+        attempt_id: &str,
+        fence: Option<u64>,
+    ) -> Result<bool, QueueError> {
+        let mut invocation = transition(&REQUEUE, ticket);
+        invocation.arg(attempt_id);
+        if let Some(token) = fence {
+            invocation.arg(token);
+        }
+        self.applied(&invocation).await
+    }
+
+    async fn mark_started_with(
+        &self,
+        ticket: &TicketId,
+        egress_id: &str,
+        now_ms: u64,
+        fence: Option<u64>,
+    ) -> Result<bool, QueueError> {
+        let mut invocation = transition(&START, ticket);
+        invocation.arg(egress_id).arg(now_ms);
+        if let Some(token) = fence {
+            invocation.arg(token);
+        }
+        self.applied(&invocation).await
+    }
+
+    async fn mark_failed_with(
+        &self,
+        ticket: &TicketId,
+        error: &str,
+        now_ms: u64,
+        fence: Option<u64>,
+    ) -> Result<bool, QueueError> {
         let ttl_ms = self.finished_ttl_ms();
         let mut invocation = transition(&FAIL, ticket);
         invocation
@@ -836,13 +1018,23 @@ impl QueueStore {
             .arg(ttl_ms)
             .arg(now_ms.saturating_sub(ttl_ms))
             .arg(DEAD_LETTERS_KEPT);
+        if let Some(token) = fence {
+            invocation.arg(token);
+        }
         self.applied(&invocation).await
     }
 
-    /// active | dispatching -> ended: frees the dedup key.
-    pub async fn mark_ended(&self, ticket: &TicketId, now_ms: u64) -> Result<bool, QueueError> {
+    async fn mark_ended_with(
+        &self,
+        ticket: &TicketId,
+        now_ms: u64,
+        fence: Option<u64>,
+    ) -> Result<bool, QueueError> {
         let mut invocation = transition(&END, ticket);
         invocation.arg(now_ms).arg(self.finished_ttl_ms());
+        if let Some(token) = fence {
+            invocation.arg(token);
+        }
         self.applied(&invocation).await
     }
 
@@ -967,8 +1159,18 @@ impl QueueStore {
     }
 
     async fn applied(&self, invocation: &ScriptInvocation<'_>) -> Result<bool, QueueError> {
-        let applied: i64 = decode(self.invoke(invocation).await?, "transition reply")?;
+        let applied: i64 = decode(self.invoke_fenced(invocation).await?, "transition reply")?;
         Ok(applied == 1)
+    }
+
+    /// Like `invoke`, telling a refused fencing token apart from Redis failures.
+    async fn invoke_fenced(&self, invocation: &ScriptInvocation<'_>) -> Result<Value, QueueError> {
+        match self.invoke(invocation).await {
+            Err(QueueError::Unavailable(error)) if error.code() == Some("FENCED") => {
+                Err(QueueError::Fenced)
+            }
+            other => other,
+        }
     }
 
     async fn query(&self, command: &redis::Cmd) -> Result<Value, QueueError> {

@@ -1,5 +1,6 @@
-//! `serve`: wires the queue, fleet observer, KEDA gRPC service and HTTP API together, and
-//! drains them when the shutdown token is cancelled.
+//! `serve`: wires the queue, fleet observer, KEDA gRPC service, HTTP API, webhook receiver and
+//! (with `--livekit-url`) the dispatcher together, and drains them when the shutdown token is
+//! cancelled.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -15,13 +16,16 @@ use tokio_stream::StreamExt;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::ServeConfig;
+use crate::dispatch::livekit::{DEFAULT_REQUEST_TIMEOUT, TwirpEgressApi};
+use crate::dispatch::{DispatchOptions, Dispatcher};
 use crate::fleet::{Fleet, FleetMetrics, FleetObserver, FleetSource};
 use crate::intake::{self, AppState};
 use crate::queue::{self, QueueStore, StoreOptions};
 use crate::scaler::proto::external_scaler_server::ExternalScalerServer;
 use crate::scaler::{Evaluator, ScalerService};
-use crate::telemetry::Metrics;
+use crate::telemetry::{DispatchMetrics, Metrics};
 use crate::tls::{self, ReloadingTls};
+use crate::webhook::Webhooks;
 
 /// How long in-flight work may take to finish after shutdown is requested.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
@@ -123,10 +127,16 @@ pub async fn start(config: ServeConfig, shutdown: CancellationToken) -> anyhow::
     let mut registry = Registry::default();
     let metrics = Metrics::new(&mut registry);
     let fleet_metrics = FleetMetrics::new(&mut registry);
+    let dispatch_metrics = DispatchMetrics::new(&mut registry);
     let registry = Arc::new(registry);
 
     let mut tasks = JoinSet::new();
 
+    // Prometheus shows a start only after its next scrape of the pod.
+    let reservation_lag = match config.fleet_source {
+        FleetSource::Prometheus { .. } => Duration::from_secs(30),
+        _ => Duration::ZERO,
+    };
     let fleet = match config.fleet_source {
         FleetSource::None => Fleet::none(),
         source => {
@@ -154,6 +164,42 @@ pub async fn start(config: ServeConfig, shutdown: CancellationToken) -> anyhow::
         tasks.spawn(async move {
             queue::run_event_listener(client, events, token).await;
             Ok(())
+        });
+    }
+
+    if let (Some(url), Some(credentials)) = (&config.livekit_url, &config.credentials) {
+        let api = TwirpEgressApi::new(url, credentials.clone(), DEFAULT_REQUEST_TIMEOUT)
+            .context("cannot set up the LiveKit client")?;
+        let options = DispatchOptions {
+            order: config.order,
+            lease: config.lease,
+            settle_after: api.timeout() + Duration::from_secs(5),
+            not_found_retry: config.not_found_retry,
+            reservation_lag,
+            ..DispatchOptions::default()
+        };
+        let holder = format!(
+            "{}-{}",
+            config.holder_name,
+            &uuid::Uuid::new_v4().simple().to_string()[..8]
+        );
+        let dispatcher = Dispatcher::new(
+            config.default_queue.clone(),
+            store.clone(),
+            fleet.clone(),
+            api,
+            config.settings.clone(),
+            options,
+            holder,
+            events.clone(),
+            Arc::clone(&dispatch_metrics),
+        );
+        let token = shutdown.clone();
+        tasks.spawn(async move {
+            dispatcher
+                .run(token)
+                .await
+                .context("the dispatcher stopped")
         });
     }
 
@@ -227,7 +273,15 @@ pub async fn start(config: ServeConfig, shutdown: CancellationToken) -> anyhow::
         default_queue: config.default_queue.clone(),
         verifier: AppState::verifier_for(config.credentials.as_ref()),
         metrics,
+        dispatch_metrics,
         registry,
+        webhooks: config.credentials.as_ref().map(|credentials| {
+            Arc::new(Webhooks::new(
+                credentials,
+                config.default_queue.clone(),
+                config.auto_record.clone(),
+            ))
+        }),
     };
     {
         let token = shutdown.clone();

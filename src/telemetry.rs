@@ -1,13 +1,15 @@
 //! One Prometheus registry for the process, typed label sets, and log set-up.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use prometheus_client::encoding::EncodeMetric;
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::metrics::{MetricType, TypedMetric};
 use prometheus_client::registry::Registry;
 use std::sync::atomic::AtomicU64;
 
@@ -89,6 +91,8 @@ pub struct Metrics {
     pub grpc_duration_seconds: Family<RpcMethodLabels, Histogram>,
     /// Enqueue requests by outcome.
     pub enqueue_requests: Family<EnqueueLabels, Counter>,
+    /// Failed tickets kept as dead letters.
+    pub dead_letters: Family<QueueLabels, Gauge>,
 }
 
 impl Metrics {
@@ -103,6 +107,7 @@ impl Metrics {
                 Histogram::new(exponential_buckets(0.0001, 2.5, 14))
             }),
             enqueue_requests: Family::default(),
+            dead_letters: Family::default(),
         };
         registry.register(
             "egress_scaler_queue_depth",
@@ -133,6 +138,11 @@ impl Metrics {
             "egress_scaler_enqueue_requests",
             "Enqueue requests through the HTTP API by outcome",
             metrics.enqueue_requests.clone(),
+        );
+        registry.register(
+            "egress_scaler_dead_letters",
+            "Failed tickets kept as dead letters, by queue",
+            metrics.dead_letters.clone(),
         );
         Arc::new(metrics)
     }
@@ -165,6 +175,11 @@ impl Metrics {
                 queue: queue.to_string(),
             })
             .set(age);
+        self.dead_letters
+            .get_or_create(&QueueLabels {
+                queue: queue.to_string(),
+            })
+            .set(i64::try_from(stats.dead_letters).unwrap_or(i64::MAX));
     }
 
     /// Starts timing one gRPC call; the call is recorded when the timer is dropped.
@@ -226,6 +241,194 @@ fn code_label(code: tonic::Code) -> &'static str {
         Code::Internal => "internal",
         Code::Unimplemented => "unimplemented",
         _ => "other",
+    }
+}
+
+/// What one dispatch step ended with (a bounded label set).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum DispatchOutcome {
+    /// The start call answered with an egress.
+    started,
+    /// An egress an earlier attempt started was found and recorded instead of starting one.
+    adopted,
+    /// No pod took it (capacity raced away); retried.
+    unavailable,
+    /// livekit-server could not be reached; retried.
+    unreachable,
+    /// The room does not exist yet; retried for a bounded time.
+    not_found,
+    /// The credentials were refused; retried.
+    unauthenticated,
+    /// The ticket failed and became a dead letter.
+    failed,
+    /// The start's outcome is unknown (timeout, transport error); reconciled before a retry.
+    unknown,
+    /// An attempt of unknown outcome was found to have started nothing and was put back.
+    requeued,
+    /// An active ticket's egress was found ended (webhook missed).
+    ended,
+}
+
+/// Labels of the dispatch outcome counter.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct DispatchLabels {
+    /// The outcome.
+    pub outcome: DispatchOutcome,
+}
+
+/// Labels of the leader gauge.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct LeaderLabels {
+    /// Queue dispatched.
+    pub queue: String,
+    /// This process's holder id.
+    pub holder: String,
+}
+
+/// A webhook event type (a bounded label set).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum WebhookEvent {
+    room_started,
+    room_finished,
+    egress_started,
+    egress_updated,
+    egress_ended,
+    other,
+}
+
+/// What a webhook did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum WebhookOutcome {
+    /// It changed a ticket (or enqueued one).
+    applied,
+    /// Verified, but nothing to change.
+    ignored,
+    /// Signature missing or invalid, or the body unreadable.
+    rejected,
+    /// Redis was unavailable; LiveKit may deliver it again.
+    error,
+}
+
+/// Labels of the webhook counter.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct WebhookLabels {
+    /// Event type.
+    pub event: WebhookEvent,
+    /// Outcome.
+    pub outcome: WebhookOutcome,
+}
+
+/// Gauge computed when encoded: seconds since this process acquired the lease, 0 when it
+/// holds none.
+#[derive(Debug, Clone, Default)]
+pub struct LeaseAge(Arc<Mutex<Option<Instant>>>);
+
+impl LeaseAge {
+    /// Records the acquisition time, or `None` when the lease is gone.
+    pub fn set(&self, acquired: Option<Instant>) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = acquired;
+    }
+}
+
+impl TypedMetric for LeaseAge {
+    const TYPE: MetricType = MetricType::Gauge;
+}
+
+impl EncodeMetric for LeaseAge {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::MetricEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        let acquired = *self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let age = acquired.map_or(0.0, |at| at.elapsed().as_secs_f64());
+        encoder.encode_gauge(&age)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        MetricType::Gauge
+    }
+}
+
+/// The dispatcher's and the webhook receiver's metrics.
+#[derive(Debug)]
+pub struct DispatchMetrics {
+    /// Dispatch steps by outcome.
+    pub outcomes: Family<DispatchLabels, Counter>,
+    /// Enqueue-to-start wait of started tickets.
+    pub enqueue_to_start_seconds: Histogram,
+    /// 1 while this process leads the queue, else 0.
+    pub leader: Family<LeaderLabels, Gauge>,
+    /// Seconds since this process acquired the lease.
+    pub lease_age_seconds: LeaseAge,
+    /// Webhooks received by event and outcome.
+    pub webhooks: Family<WebhookLabels, Counter>,
+}
+
+impl DispatchMetrics {
+    /// Registers the metrics in `registry`.
+    pub fn new(registry: &mut Registry) -> Arc<Self> {
+        let metrics = DispatchMetrics {
+            outcomes: Family::default(),
+            // 10 ms to about 11 hours.
+            enqueue_to_start_seconds: Histogram::new(exponential_buckets(0.01, 2.0, 23)),
+            leader: Family::default(),
+            lease_age_seconds: LeaseAge::default(),
+            webhooks: Family::default(),
+        };
+        registry.register(
+            "egress_scaler_dispatch_outcomes",
+            "Dispatch steps by outcome",
+            metrics.outcomes.clone(),
+        );
+        registry.register(
+            "egress_scaler_enqueue_to_start_seconds",
+            "Wait from enqueue to a started (or adopted) egress",
+            metrics.enqueue_to_start_seconds.clone(),
+        );
+        registry.register(
+            "egress_scaler_dispatch_leader",
+            "1 while this process holds the dispatcher lease of the queue, else 0",
+            metrics.leader.clone(),
+        );
+        registry.register(
+            "egress_scaler_dispatch_lease_age_seconds",
+            "Seconds since this process acquired the dispatcher lease (0 when it holds none)",
+            metrics.lease_age_seconds.clone(),
+        );
+        registry.register(
+            "egress_scaler_webhooks",
+            "LiveKit webhooks received by event and outcome",
+            metrics.webhooks.clone(),
+        );
+        Arc::new(metrics)
+    }
+
+    /// Counts one dispatch outcome.
+    pub fn outcome(&self, outcome: DispatchOutcome) {
+        self.outcomes
+            .get_or_create(&DispatchLabels { outcome })
+            .inc();
+    }
+
+    /// Counts one webhook.
+    pub fn webhook(&self, event: WebhookEvent, outcome: WebhookOutcome) {
+        self.webhooks
+            .get_or_create(&WebhookLabels { event, outcome })
+            .inc();
+    }
+
+    /// Sets the leader gauge of this process.
+    pub fn set_leader(&self, queue: &QueueName, holder: &str, leading: bool) {
+        self.leader
+            .get_or_create(&LeaderLabels {
+                queue: queue.to_string(),
+                holder: holder.to_owned(),
+            })
+            .set(i64::from(leading));
+        self.lease_age_seconds.set(leading.then(Instant::now));
     }
 }
 

@@ -28,6 +28,10 @@ fn a_bad_setting_exits_with_one_line_naming_it_before_binding() {
             vec!["--min-replicas", "3", "--max-replicas", "1"],
             "--max-replicas",
         ),
+        (
+            vec!["--livekit-url", "http://127.0.0.1:7880"],
+            "LIVEKIT_API_KEY",
+        ),
     ] {
         let output = Command::new(BINARY)
             .arg("serve")

@@ -1,4 +1,9 @@
--- active | dispatching -> ended. ARGV: 5 now (ms), 6 ttl (ms). Returns 1 or 0.
+-- active | dispatching -> ended. ARGV: 5 now (ms), 6 ttl (ms), 7 fencing token (optional).
+-- Returns 1 or 0.
+local refused = stale_fence(ARGV[7])
+if refused then
+  return refused
+end
 local state, kind, egress_id = unpack(redis.call('HMGET', ticket, 'state', 'kind', 'egress_id'))
 if state == 'active' then
   redis.call('ZREM', active, id)

@@ -1,6 +1,10 @@
 -- queued | dispatching -> failed, kept in the dead-letter set.
 -- ARGV: 5 error, 6 now (ms), 7 ttl (ms), 8 dead letters older than this (ms) are dropped,
---       9 most dead letters kept. Returns 1 or 0.
+--       9 most dead letters kept, 10 fencing token (optional). Returns 1 or 0.
+local refused = stale_fence(ARGV[10])
+if refused then
+  return refused
+end
 local state, kind, room = unpack(redis.call('HMGET', ticket, 'state', 'kind', 'room'))
 if state == 'queued' then
   leave_pending(kind, room)

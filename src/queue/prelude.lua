@@ -1,7 +1,7 @@
 -- Prelude of every transition script: the script's own body is appended after it.
 --
 -- KEYS: 1 ticket hash, 2 pending, 3 dispatching, 4 active, 5 dead, 6 demand, 7 queued,
---       8 dedup, 9 egress, 10 seq
+--       8 dedup, 9 egress, 10 seq, 11 fence (the dispatcher lease's fencing counter)
 -- ARGV: 1 key prefix, 2 ticket id, 3 events channel, 4 queue name, 5.. the script's own
 --
 -- The only keys built here rather than passed are `room:<name>` sets and the hash of a
@@ -9,6 +9,7 @@
 -- so they live in the same cluster slot as KEYS.
 local ticket, pending, dispatching, active, dead = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local demand, queued, dedup, egress, seq = KEYS[6], KEYS[7], KEYS[8], KEYS[9], KEYS[10]
+local fence = KEYS[11]
 local prefix, id, channel, queue = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 
 local function room_key(room)
@@ -40,6 +41,16 @@ local function finish(state, now, ttl_ms)
     redis.call('HDEL', dedup, key)
   end
   redis.call('PEXPIRE', ticket, ttl_ms)
+end
+
+-- The dispatcher passes the fencing token of its lease with each of its writes: a token that
+-- is not the current one means a newer dispatcher took the lease over, and the write is
+-- refused with a FENCED error. Writes of anyone else pass no token (nil or '').
+local function stale_fence(token)
+  if token == nil or token == '' or redis.call('GET', fence) == token then
+    return nil
+  end
+  return redis.error_reply('FENCED a newer dispatcher holds the lease')
 end
 
 local function changed()

@@ -1,4 +1,9 @@
--- queued | dispatching -> active. ARGV: 5 egress id, 6 now (ms). Returns 1 or 0.
+-- queued | dispatching -> active. ARGV: 5 egress id, 6 now (ms), 7 fencing token (optional).
+-- Returns 1 or 0.
+local refused = stale_fence(ARGV[7])
+if refused then
+  return refused
+end
 local state, kind, room = unpack(redis.call('HMGET', ticket, 'state', 'kind', 'room'))
 if state == 'queued' then
   leave_pending(kind, room)

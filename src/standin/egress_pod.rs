@@ -209,6 +209,47 @@ impl EgressPodStandIn {
         });
     }
 
+    /// One more active egress of a reported type (a job the livekit-server stand-in started).
+    pub fn add_job(&self, reported_type: &str) {
+        self.update(|b| *b.active.entry(reported_type.to_owned()).or_default() += 1);
+    }
+
+    /// One active egress of a reported type less (its job ended); false when there was none.
+    pub fn remove_job(&self, reported_type: &str) -> bool {
+        let mut removed = false;
+        self.update(|b| {
+            if let Some(count) = b.active.get_mut(reported_type)
+                && *count > 0
+            {
+                *count -= 1;
+                removed = true;
+            }
+        });
+        removed
+    }
+
+    /// Active egress by reported type, zero counts left out.
+    pub fn active(&self) -> BTreeMap<String, u64> {
+        let behaviour = self.inner.shared.behaviour();
+        behaviour
+            .active
+            .iter()
+            .filter(|(_, count)| **count > 0)
+            .map(|(kind, count)| (kind.clone(), *count))
+            .collect()
+    }
+
+    /// Whether it would take a job at all: not draining, not disabled, no `cluster_id`.
+    pub fn takes_jobs(&self) -> bool {
+        let behaviour = self.inner.shared.behaviour();
+        !behaviour.terminating && !behaviour.disabled && behaviour.cluster_id.is_empty()
+    }
+
+    /// The CPU and cost table it was started with.
+    pub fn settings(&self) -> &Settings {
+        &self.inner.shared.settings
+    }
+
     /// Draining after SIGTERM.
     pub fn set_terminating(&self, terminating: bool) {
         self.update(|b| b.terminating = terminating);

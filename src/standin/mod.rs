@@ -5,9 +5,12 @@
 //! - [`egress_pod`]: an egress pod's metrics endpoint, switchable between idle, busy,
 //!   terminating, disabled, slow, garbage, oversized and down.
 //! - [`prometheus_api`]: a Prometheus server's `/api/v1/query` over stand-in egress pods.
+//! - [`livekit_server`]: livekit-server's egress Twirp API and webhooks over stand-in pods.
 
 pub mod egress_pod;
+pub mod livekit_server;
 pub mod prometheus_api;
 
 pub use egress_pod::{BodyMode, EgressPodStandIn, StandInSample};
+pub use livekit_server::{LiveKitServerStandIn, LiveKitStandInOptions, StartedEgress};
 pub use prometheus_api::{PrometheusFailure, PrometheusStandIn};

@@ -1,0 +1,177 @@
+//! The capacity gate: does the fleet snapshot show a pod that takes a job of this kind, once
+//! the jobs this dispatcher started since the snapshot are counted in?
+//!
+//! A start is visible in an egress pod's metrics as soon as the pod accepted it, so a refresh
+//! that began after the start returned reflects it. Until such a refresh, the dispatcher holds
+//! a reservation: the job is added to the pod livekit-server would have chosen, so that one
+//! free slot is not handed out twice. With a Prometheus source the metrics lag by up to a
+//! scrape interval, which `lag` accounts for.
+
+use std::time::{Duration, Instant};
+
+use crate::fleet::FleetView;
+use crate::model::{EgressKind, PodLoad, Settings, choose_pod};
+
+/// One start not yet reflected in the pods' metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Reservation {
+    kind: EgressKind,
+    made_at: Instant,
+}
+
+/// The starts of this dispatcher that the fleet snapshot does not show yet.
+#[derive(Debug, Clone, Default)]
+pub struct Reservations {
+    held: Vec<Reservation>,
+    lag: Duration,
+}
+
+impl Reservations {
+    /// No reservations; a start counts as reflected by a refresh that began `lag` after it.
+    pub fn new(lag: Duration) -> Self {
+        Reservations {
+            held: Vec::new(),
+            lag,
+        }
+    }
+
+    /// Holds capacity for a job of `kind` started at `at`.
+    pub fn hold(&mut self, kind: EgressKind, at: Instant) {
+        self.held.push(Reservation { kind, made_at: at });
+    }
+
+    /// Reservations held.
+    pub fn len(&self) -> usize {
+        self.held.len()
+    }
+
+    /// True when none is held.
+    pub fn is_empty(&self) -> bool {
+        self.held.is_empty()
+    }
+
+    /// Drops the reservations that `view` reflects.
+    pub fn release_reflected(&mut self, view: &FleetView) {
+        let observed_from = view
+            .refreshed_at
+            .checked_sub(view.refresh_duration)
+            .unwrap_or(view.refreshed_at);
+        let lag = self.lag;
+        self.held
+            .retain(|reservation| reservation.made_at + lag >= observed_from);
+    }
+
+    /// The pods of `view` with the reservations placed where livekit-server would put them.
+    pub fn loads(&self, view: &FleetView, settings: &Settings) -> Vec<PodLoad> {
+        let snapshot = view.snapshot();
+        let mut loads: Vec<PodLoad> = snapshot
+            .pods
+            .iter()
+            .map(|pod| PodLoad::of(pod, &settings.costs))
+            .collect();
+        for reservation in &self.held {
+            // A start the arithmetic has no room for means the snapshot is behind in the
+            // other direction (a job ended): nothing to hold then.
+            if let Some(index) = choose_pod(settings, &loads, reservation.kind) {
+                loads[index].add(settings, reservation.kind);
+            }
+        }
+        loads
+    }
+
+    /// Whether a job of `kind` fits on some pod now.
+    pub fn fits(&self, view: &FleetView, settings: &Settings, kind: EgressKind) -> bool {
+        choose_pod(settings, &self.loads(view, settings), kind).is_some()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fleet::PodView;
+    use crate::model::PodState;
+    use std::collections::BTreeMap;
+
+    fn pod(state: PodState, active: &[(&str, u64)]) -> PodView {
+        PodView {
+            address: format!("pod-{}", active.len()),
+            node_id: None,
+            state,
+            active: active
+                .iter()
+                .map(|(kind, count)| (kind.to_string(), *count))
+                .collect::<BTreeMap<_, _>>(),
+            free_cpu_cores: 0.0,
+            cpu_load: None,
+            can_accept_video: None,
+            last_scrape_age_seconds: None,
+            missing_series: Vec::new(),
+            last_error: None,
+        }
+    }
+
+    fn view(pods: Vec<PodView>, refreshed_at: Instant) -> FleetView {
+        FleetView {
+            pods,
+            refreshed_at,
+            refresh_duration: Duration::from_millis(5),
+            source_error: None,
+        }
+    }
+
+    #[test]
+    fn one_free_slot_is_handed_out_once_until_a_refresh_shows_it() {
+        let settings = Settings::default();
+        let start = Instant::now();
+        let before = view(vec![pod(PodState::Ready, &[])], start);
+        let mut reservations = Reservations::new(Duration::ZERO);
+        assert!(reservations.fits(&before, &settings, EgressKind::RoomComposite));
+        reservations.hold(EgressKind::RoomComposite, start + Duration::from_millis(1));
+        assert!(!reservations.fits(&before, &settings, EgressKind::RoomComposite));
+        assert!(!reservations.fits(&before, &settings, EgressKind::Track));
+        // A refresh that began before the start does not release it.
+        reservations.release_reflected(&view(
+            vec![pod(PodState::Ready, &[])],
+            start + Duration::from_millis(4),
+        ));
+        assert_eq!(reservations.len(), 1);
+        // One that began after it does, and shows the job.
+        let after = view(
+            vec![pod(PodState::Ready, &[("room_composite", 1)])],
+            start + Duration::from_millis(20),
+        );
+        reservations.release_reflected(&after);
+        assert!(reservations.is_empty());
+        assert!(!reservations.fits(&after, &settings, EgressKind::RoomComposite));
+    }
+
+    #[test]
+    fn starting_terminating_and_unknown_pods_take_nothing() {
+        let settings = Settings::default();
+        let reservations = Reservations::new(Duration::ZERO);
+        for state in [
+            PodState::Starting,
+            PodState::Terminating,
+            PodState::Disabled,
+            PodState::Unknown,
+        ] {
+            let fleet = view(vec![pod(state, &[])], Instant::now());
+            assert!(
+                !reservations.fits(&fleet, &settings, EgressKind::Track),
+                "{state:?}"
+            );
+        }
+        assert!(!reservations.fits(&view(vec![], Instant::now()), &settings, EgressKind::Track));
+    }
+
+    #[test]
+    fn a_lagging_source_holds_reservations_longer() {
+        let start = Instant::now();
+        let mut reservations = Reservations::new(Duration::from_secs(30));
+        reservations.hold(EgressKind::Track, start);
+        reservations.release_reflected(&view(vec![], start + Duration::from_secs(10)));
+        assert_eq!(reservations.len(), 1);
+        reservations.release_reflected(&view(vec![], start + Duration::from_secs(31)));
+        assert!(reservations.is_empty());
+    }
+}

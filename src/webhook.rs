@@ -1,0 +1,340 @@
+//! LiveKit webhooks at `POST /webhook/livekit` (DESIGN.md 2.3), verified with
+//! `livekit_api`'s [`WebhookReceiver`]: `Authorization: <JWT>` signed with the API secret whose
+//! `sha256` claim is the base64 SHA-256 of the body. A missing or bad signature is 401 and
+//! changes nothing.
+//!
+//! - `egress_started`: confirms a ticket that already records the egress, or adopts it for a
+//!   ticket whose attempt may have started it (same kind and room, started after the attempt
+//!   began, not recorded for another ticket);
+//! - `egress_ended`: ends the ticket recording it, which frees its de-duplication key;
+//! - `room_finished`: cancels the room's queued tickets;
+//! - `room_started`: with auto-recording on, queues a start for the room.
+//!
+//! Deliveries can be lost or repeated: every handler is idempotent, and the dispatcher's
+//! periodic reconcile catches what a lost webhook missed.
+
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use livekit_api::access_token::TokenVerifier;
+use livekit_api::webhooks::{WebhookError, WebhookReceiver};
+use livekit_protocol as proto;
+use serde_json::Value;
+
+use crate::config::ApiCredentials;
+use crate::dispatch::matching::candidates;
+use crate::egress_request::StartRequest;
+use crate::intake::{AppState, now_ms};
+use crate::model::EgressKind;
+use crate::queue::{CancelOutcome, NewRequest, QueueError, QueueName, QueueStore, TicketState};
+use crate::telemetry::{WebhookEvent, WebhookOutcome};
+
+/// Largest webhook body accepted (an `EgressInfo` with many segments is larger than an API
+/// request).
+pub const MAX_WEBHOOK_BYTES: usize = 1024 * 1024;
+
+/// Recording every new room (`--auto-record`).
+#[derive(Debug, Clone)]
+pub struct AutoRecord {
+    /// Kind of egress to start.
+    pub kind: EgressKind,
+    /// Only rooms whose whole name matches.
+    pub rooms: Option<regex::Regex>,
+    /// The kind's request without the room name (protobuf JSON).
+    pub template: Option<Value>,
+}
+
+impl AutoRecord {
+    /// Whether a room gets recorded.
+    pub fn records(&self, room: &str) -> bool {
+        self.rooms
+            .as_ref()
+            .is_none_or(|pattern| pattern.is_match(room))
+    }
+
+    /// The start request for a room.
+    pub fn request(
+        &self,
+        room: &str,
+    ) -> Result<StartRequest, crate::egress_request::InvalidRequest> {
+        StartRequest::parse(self.kind, room, self.template.clone())
+    }
+}
+
+/// What the webhook receiver needs.
+#[derive(Debug, Clone)]
+pub struct Webhooks {
+    receiver: WebhookReceiver,
+    queue: QueueName,
+    auto_record: Option<AutoRecord>,
+    clock_skew: Duration,
+}
+
+impl Webhooks {
+    /// Webhooks verified with `credentials`, acting on `queue`.
+    pub fn new(
+        credentials: &ApiCredentials,
+        queue: QueueName,
+        auto_record: Option<AutoRecord>,
+    ) -> Self {
+        Webhooks {
+            receiver: WebhookReceiver::new(TokenVerifier::with_api_key(
+                &credentials.key,
+                &credentials.secret,
+            )),
+            queue,
+            auto_record,
+            clock_skew: Duration::from_secs(2),
+        }
+    }
+}
+
+fn event_label(event: &str) -> WebhookEvent {
+    match event {
+        "room_started" => WebhookEvent::room_started,
+        "room_finished" => WebhookEvent::room_finished,
+        "egress_started" => WebhookEvent::egress_started,
+        "egress_updated" => WebhookEvent::egress_updated,
+        "egress_ended" => WebhookEvent::egress_ended,
+        _ => WebhookEvent::other,
+    }
+}
+
+fn reject(status: StatusCode, message: &str) -> Response {
+    (
+        status,
+        axum::Json(serde_json::json!({ "error": "unauthenticated", "message": message })),
+    )
+        .into_response()
+}
+
+/// `POST /webhook/livekit`.
+pub async fn receive(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
+    let Some(webhooks) = state.webhooks.as_deref() else {
+        return StatusCode::NOT_FOUND.into_response();
+    };
+    let rejected = |status, message| {
+        state
+            .dispatch_metrics
+            .webhook(WebhookEvent::other, WebhookOutcome::rejected);
+        reject(status, message)
+    };
+    let Some(token) = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+    else {
+        return rejected(StatusCode::UNAUTHORIZED, "missing Authorization");
+    };
+    let token = token.strip_prefix("Bearer ").unwrap_or(token).trim();
+    let Ok(text) = std::str::from_utf8(&body) else {
+        return rejected(StatusCode::BAD_REQUEST, "the body is not UTF-8");
+    };
+    let event = match webhooks.receiver.receive(text, token) {
+        Ok(event) => event,
+        Err(WebhookError::InvalidData(_)) => {
+            return rejected(StatusCode::BAD_REQUEST, "the body is not a webhook event");
+        }
+        Err(error) => {
+            tracing::warn!(%error, "Webhook refused: bad signature.");
+            return rejected(StatusCode::UNAUTHORIZED, "invalid webhook signature");
+        }
+    };
+    let label = event_label(&event.event);
+    match handle(&state.store, webhooks, &event).await {
+        Ok(applied) => {
+            let outcome = if applied {
+                WebhookOutcome::applied
+            } else {
+                WebhookOutcome::ignored
+            };
+            state.dispatch_metrics.webhook(label, outcome);
+            StatusCode::OK.into_response()
+        }
+        Err(error) => {
+            tracing::warn!(%error, event = %event.event, "Webhook not applied: the queue store is unavailable.");
+            state.dispatch_metrics.webhook(label, WebhookOutcome::error);
+            StatusCode::SERVICE_UNAVAILABLE.into_response()
+        }
+    }
+}
+
+/// Applies one verified event; true when it changed something.
+pub async fn handle(
+    store: &QueueStore,
+    webhooks: &Webhooks,
+    event: &proto::WebhookEvent,
+) -> Result<bool, QueueError> {
+    let queue = &webhooks.queue;
+    match event.event.as_str() {
+        "egress_started" => match &event.egress_info {
+            Some(info) => egress_started(store, webhooks, info).await,
+            None => Ok(false),
+        },
+        "egress_ended" => match &event.egress_info {
+            Some(info) => egress_ended(store, queue, info).await,
+            None => Ok(false),
+        },
+        "room_finished" => match &event.room {
+            Some(room) => room_finished(store, queue, &room.name).await,
+            None => Ok(false),
+        },
+        "room_started" => match (&event.room, &webhooks.auto_record) {
+            (Some(room), Some(auto)) => room_started(store, queue, auto, &room.name).await,
+            _ => Ok(false),
+        },
+        _ => Ok(false),
+    }
+}
+
+async fn egress_started(
+    store: &QueueStore,
+    webhooks: &Webhooks,
+    info: &proto::EgressInfo,
+) -> Result<bool, QueueError> {
+    let queue = &webhooks.queue;
+    if store
+        .ticket_for_egress(queue, &info.egress_id)
+        .await?
+        .is_some()
+    {
+        // Confirmed: the dispatcher recorded it from the start call's answer.
+        return Ok(false);
+    }
+    let Some(listed) = info
+        .request
+        .as_ref()
+        .and_then(StartRequest::from_info_request)
+    else {
+        return Ok(false);
+    };
+    // Tickets whose attempt may have started it: being dispatched, or put back after an
+    // attempt (a late claim).
+    let mut tickets = store.dispatching(queue).await?;
+    if let Some(room) = listed.room_name() {
+        tickets.extend(store.queued_in_room(queue, room).await?);
+    }
+    for id in tickets {
+        let Some(ticket) = store.get(&id).await? else {
+            continue;
+        };
+        let since = match ticket.state {
+            TicketState::Dispatching => ticket.dispatching_at_ms,
+            TicketState::Queued => store.last_attempt_at(&id).await?,
+            _ => None,
+        };
+        let Some(since) = since else {
+            continue;
+        };
+        let request = match ticket
+            .request
+            .as_deref()
+            .map(serde_json::from_str::<Value>)
+            .transpose()
+        {
+            Ok(value) => match StartRequest::parse(ticket.kind, &ticket.room_name, value) {
+                Ok(request) => request,
+                Err(_) => continue,
+            },
+            Err(_) => continue,
+        };
+        let listed = std::slice::from_ref(info);
+        if candidates(listed, &request, since, webhooks.clock_skew).is_empty() {
+            continue;
+        }
+        if store.mark_started(&id, &info.egress_id, now_ms()).await? {
+            tracing::info!(ticket = %id, egress_id = %info.egress_id, "Egress adopted from its egress_started webhook.");
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+async fn egress_ended(
+    store: &QueueStore,
+    queue: &QueueName,
+    info: &proto::EgressInfo,
+) -> Result<bool, QueueError> {
+    let Some(ticket) = store.ticket_for_egress(queue, &info.egress_id).await? else {
+        return Ok(false);
+    };
+    let ended = store.mark_ended(&ticket, now_ms()).await?;
+    if ended {
+        tracing::info!(%ticket, egress_id = %info.egress_id, "Egress ended; ticket ended.");
+    }
+    Ok(ended)
+}
+
+async fn room_finished(
+    store: &QueueStore,
+    queue: &QueueName,
+    room: &str,
+) -> Result<bool, QueueError> {
+    let mut cancelled = false;
+    for id in store.queued_in_room(queue, room).await? {
+        if store.cancel(&id, now_ms()).await? == CancelOutcome::Cancelled {
+            tracing::info!(ticket = %id, %room, "Room finished; queued request cancelled.");
+            cancelled = true;
+        }
+    }
+    Ok(cancelled)
+}
+
+async fn room_started(
+    store: &QueueStore,
+    queue: &QueueName,
+    auto: &AutoRecord,
+    room: &str,
+) -> Result<bool, QueueError> {
+    if room.is_empty() || !auto.records(room) {
+        return Ok(false);
+    }
+    let request = match auto.request(room) {
+        Ok(request) => request,
+        Err(error) => {
+            tracing::warn!(%room, %error, "Auto-record request invalid for this room; not queued.");
+            return Ok(false);
+        }
+    };
+    let enqueued = store
+        .enqueue(
+            queue,
+            NewRequest {
+                kind: auto.kind,
+                room_name: room.to_owned(),
+                request: Some(request.to_json()),
+                dedup_key: None,
+            },
+            now_ms(),
+        )
+        .await?;
+    if !enqueued.duplicate {
+        tracing::info!(ticket = %enqueued.ticket, %room, kind = %auto.kind, "Room started; recording queued.");
+    }
+    Ok(!enqueued.duplicate)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auto_record_filters_rooms_by_the_whole_name() {
+        let auto = AutoRecord {
+            kind: EgressKind::RoomComposite,
+            rooms: Some(regex::Regex::new("^(?:team-.*)$").unwrap()),
+            template: Some(serde_json::json!({"layout": "grid"})),
+        };
+        assert!(auto.records("team-a"));
+        assert!(!auto.records("my-team-a"));
+        let StartRequest::RoomComposite(request) = auto.request("team-a").unwrap() else {
+            panic!("wrong kind");
+        };
+        assert_eq!(
+            (request.room_name.as_str(), request.layout.as_str()),
+            ("team-a", "grid")
+        );
+    }
+}

@@ -1,0 +1,1221 @@
+//! The dispatcher against a real Redis, stand-in egress pods observed by the real fleet
+//! observer, and the livekit-server stand-in: order, capacity, outcomes, leases, Redis
+//! restarts, and fault injection at every step.
+
+mod support;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use egress_scaler::config::ApiCredentials;
+use egress_scaler::dispatch::lease::{Lease, read_leader};
+use egress_scaler::dispatch::livekit::{EgressApi, EgressApiError, ListFilter, TwirpEgressApi};
+use egress_scaler::dispatch::{
+    DispatchError, DispatchOptions, Dispatcher, FaultHook, FaultPoint, Order,
+};
+use egress_scaler::egress_request::StartRequest;
+use egress_scaler::fleet::{Fleet, FleetMetrics, FleetObserver, FleetOptions, FleetSource};
+use egress_scaler::model::{EgressKind, Settings};
+use egress_scaler::queue::{
+    NewRequest, QueueError, QueueEvent, QueueName, QueueStore, StoreOptions, TicketId, TicketState,
+    run_event_listener,
+};
+use egress_scaler::redis_server::RedisServer;
+use egress_scaler::standin::{EgressPodStandIn, LiveKitServerStandIn, LiveKitStandInOptions};
+use egress_scaler::telemetry::DispatchMetrics;
+use livekit_protocol as proto;
+use prometheus_client::registry::Registry;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use tokio::sync::broadcast;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// The client timeout of the stand-in calls; the settle time is above it.
+const CALL_TIMEOUT: Duration = Duration::from_millis(400);
+
+fn fast_options() -> DispatchOptions {
+    DispatchOptions {
+        order: Order::Strict,
+        lease: Duration::from_millis(300),
+        settle_after: Duration::from_millis(600),
+        not_found_retry: Duration::from_millis(300),
+        backoff_first: Duration::from_millis(20),
+        backoff_max: Duration::from_millis(200),
+        reconcile_interval: Duration::from_secs(30),
+        recheck_interval: Duration::from_millis(30),
+        poll_interval: Duration::from_millis(100),
+        reservation_lag: Duration::ZERO,
+        backfill_window: 32,
+        clock_skew: Duration::from_secs(2),
+        drain_grace: Duration::from_millis(500),
+    }
+}
+
+fn queue(name: &str) -> QueueName {
+    name.parse().unwrap()
+}
+
+/// Redis, pods, their observer, the livekit-server stand-in and the queue event listener.
+struct World {
+    redis: RedisServer,
+    store: QueueStore,
+    livekit: LiveKitServerStandIn,
+    pods: Vec<EgressPodStandIn>,
+    /// Pods only the fleet sees, kept serving their metrics.
+    _phantoms: Vec<EgressPodStandIn>,
+    fleet: Fleet,
+    events: broadcast::Sender<QueueEvent>,
+    metrics: Arc<DispatchMetrics>,
+    registry: Arc<Mutex<Registry>>,
+    settings: Settings,
+    stop: CancellationToken,
+}
+
+struct WorldSetup {
+    redis: Option<RedisServer>,
+    /// Pods both the fleet and livekit-server see.
+    pods: usize,
+    /// Pods only the fleet sees (its metrics say idle, livekit-server knows nothing of them).
+    phantom_pods: usize,
+    settings: Settings,
+    livekit: LiveKitStandInOptions,
+}
+
+impl Default for WorldSetup {
+    fn default() -> Self {
+        WorldSetup {
+            redis: None,
+            pods: 1,
+            phantom_pods: 0,
+            settings: Settings::default(),
+            livekit: LiveKitStandInOptions {
+                no_capacity_delay: Duration::from_millis(50),
+                any_room_exists: true,
+                ..LiveKitStandInOptions::default()
+            },
+        }
+    }
+}
+
+impl World {
+    async fn start(setup: WorldSetup) -> World {
+        support::init();
+        let redis = setup.redis.unwrap_or_else(support::redis);
+        let store = QueueStore::connect(&redis.url(), StoreOptions::default())
+            .await
+            .unwrap();
+        let local = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
+        let mut pods = Vec::new();
+        for _ in 0..setup.pods {
+            pods.push(
+                EgressPodStandIn::start_on(local, setup.settings.clone())
+                    .await
+                    .unwrap(),
+            );
+        }
+        let mut phantoms = Vec::new();
+        for _ in 0..setup.phantom_pods {
+            phantoms.push(
+                EgressPodStandIn::start_on(local, setup.settings.clone())
+                    .await
+                    .unwrap(),
+            );
+        }
+        let observed: Vec<&EgressPodStandIn> = pods.iter().chain(&phantoms).collect();
+        let livekit = LiveKitServerStandIn::start(
+            LiveKitStandInOptions {
+                settings: setup.settings.clone(),
+                ..setup.livekit
+            },
+            pods.clone(),
+        )
+        .await
+        .unwrap();
+        let mut registry = Registry::default();
+        let (observer, fleet) = FleetObserver::new(
+            FleetSource::Static(observed.iter().map(|pod| pod.metrics_url()).collect()),
+            FleetOptions {
+                refresh_interval: Duration::from_millis(50),
+                scrape_timeout: Duration::from_millis(500),
+                stale_after: Duration::from_secs(5),
+                ..FleetOptions::default()
+            },
+            setup.settings.clone(),
+            FleetMetrics::new(&mut registry),
+        )
+        .unwrap();
+        let metrics = DispatchMetrics::new(&mut registry);
+        let stop = CancellationToken::new();
+        tokio::spawn(observer.run(stop.clone()));
+        let (events, _) = broadcast::channel(1024);
+        tokio::spawn(run_event_listener(
+            store.client().clone(),
+            events.clone(),
+            stop.clone(),
+        ));
+        World {
+            redis,
+            store,
+            livekit,
+            pods,
+            _phantoms: phantoms,
+            fleet,
+            events,
+            metrics,
+            registry: Arc::new(Mutex::new(registry)),
+            settings: setup.settings,
+            stop,
+        }
+    }
+
+    fn api(&self) -> TwirpEgressApi {
+        let options = self.livekit.options();
+        TwirpEgressApi::new(
+            &self.livekit.url(),
+            ApiCredentials {
+                key: options.api_key.clone(),
+                secret: options.api_secret.clone(),
+            },
+            CALL_TIMEOUT,
+        )
+        .unwrap()
+    }
+
+    fn dispatcher<A: EgressApi>(
+        &self,
+        queue: &QueueName,
+        api: A,
+        options: DispatchOptions,
+        holder: &str,
+    ) -> Dispatcher<A> {
+        Dispatcher::new(
+            queue.clone(),
+            self.store.clone(),
+            self.fleet.clone(),
+            api,
+            self.settings.clone(),
+            options,
+            holder.to_owned(),
+            self.events.clone(),
+            self.metrics.clone(),
+        )
+    }
+
+    fn spawn(&self, queue: &QueueName, options: DispatchOptions, holder: &str) -> Running {
+        Running::spawn(self.dispatcher(queue, self.api(), options, holder))
+    }
+
+    async fn enqueue(&self, queue: &QueueName, kind: EgressKind, room: &str) -> TicketId {
+        let request = StartRequest::parse(kind, room, request_for(kind)).unwrap();
+        let enqueued = self
+            .store
+            .enqueue(
+                queue,
+                NewRequest {
+                    kind,
+                    room_name: room.to_owned(),
+                    request: Some(request.to_json()),
+                    dedup_key: None,
+                },
+                now_ms(),
+            )
+            .await
+            .unwrap();
+        assert!(!enqueued.duplicate);
+        enqueued.ticket
+    }
+
+    async fn state(&self, ticket: &TicketId) -> TicketState {
+        self.store.get(ticket).await.unwrap().unwrap().state
+    }
+
+    fn started_rooms(&self) -> Vec<String> {
+        self.livekit
+            .started()
+            .into_iter()
+            .map(|egress| egress.room_name)
+            .collect()
+    }
+
+    fn metrics_text(&self) -> String {
+        egress_scaler::telemetry::encode(&self.registry.lock().unwrap())
+    }
+}
+
+impl Drop for World {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+fn request_for(kind: EgressKind) -> Option<serde_json::Value> {
+    match kind {
+        EgressKind::Track => Some(serde_json::json!({"trackId": "TR_audio"})),
+        EgressKind::Participant => Some(serde_json::json!({"identity": "speaker"})),
+        EgressKind::TrackComposite => Some(serde_json::json!({"audioTrackId": "TR_audio"})),
+        EgressKind::Web | EgressKind::AudioWeb => {
+            Some(serde_json::json!({"url": "https://example.com/board"}))
+        }
+        _ => None,
+    }
+}
+
+fn now_ms() -> u64 {
+    egress_scaler::intake::now_ms()
+}
+
+/// A dispatcher task and its own shutdown token.
+struct Running {
+    handle: JoinHandle<Result<(), DispatchError>>,
+    stop: CancellationToken,
+}
+
+impl Running {
+    fn spawn<A: EgressApi>(dispatcher: Dispatcher<A>) -> Running {
+        let stop = CancellationToken::new();
+        let handle = tokio::spawn(dispatcher.run(stop.clone()));
+        Running { handle, stop }
+    }
+
+    /// Graceful shutdown: the lease is released.
+    async fn shutdown(self) {
+        self.stop.cancel();
+        tokio::time::timeout(Duration::from_secs(5), self.handle)
+            .await
+            .expect("the dispatcher stops in time")
+            .unwrap()
+            .unwrap();
+    }
+
+    /// Like a killed process: nothing is released.
+    async fn kill(self) {
+        self.handle.abort();
+        let _ = self.handle.await;
+    }
+}
+
+async fn eventually<F, Fut>(limit: Duration, mut check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + limit;
+    loop {
+        if check().await {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+fn counter(text: &str, line_start: &str) -> u64 {
+    text.lines()
+        .find(|line| line.starts_with(line_start))
+        .and_then(|line| line.rsplit(' ').next())
+        .and_then(|value| value.parse::<f64>().ok())
+        .map_or(0, |value| value as u64)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_leader_is_fenced_out_of_every_transition() {
+    let world = World::start(WorldSetup::default()).await;
+    let q = queue("fenced");
+    let ticket = world.enqueue(&q, EgressKind::RoomComposite, "r").await;
+    let ttl = Duration::from_millis(200);
+    let a = Lease::acquire(&world.store, &q, "a", ttl, now_ms())
+        .await
+        .unwrap()
+        .expect("free lease");
+    assert!(
+        Lease::acquire(&world.store, &q, "b", ttl, now_ms())
+            .await
+            .unwrap()
+            .is_none(),
+        "one holder at a time"
+    );
+    assert_eq!(
+        read_leader(&world.store, &q).await.unwrap().unwrap().holder,
+        "a"
+    );
+    let claimed = world
+        .store
+        .fenced(a.token())
+        .claim(&ticket, "attempt-a", now_ms())
+        .await
+        .unwrap()
+        .expect("queued");
+    assert_eq!(claimed.ticket.state, TicketState::Dispatching);
+
+    tokio::time::sleep(ttl + Duration::from_millis(50)).await;
+    let b = Lease::acquire(&world.store, &q, "b", ttl, now_ms())
+        .await
+        .unwrap()
+        .expect("expired lease is free");
+    assert_eq!(b.token(), a.token() + 1);
+    let stale = world.store.fenced(a.token());
+    assert!(matches!(
+        stale.mark_started(&ticket, "EG_stale", now_ms()).await,
+        Err(QueueError::Fenced)
+    ));
+    assert!(matches!(
+        stale.requeue(&ticket, "attempt-a").await,
+        Err(QueueError::Fenced)
+    ));
+    assert!(matches!(
+        stale.mark_failed(&ticket, "x", now_ms()).await,
+        Err(QueueError::Fenced)
+    ));
+    assert_eq!(world.state(&ticket).await, TicketState::Dispatching);
+    assert!(!a.renew().await.unwrap());
+    assert!(!a.release().await.unwrap());
+    // The new holder settles the old attempt.
+    assert!(
+        world
+            .store
+            .fenced(b.token())
+            .requeue(&ticket, "attempt-a")
+            .await
+            .unwrap()
+    );
+    let claim = world
+        .store
+        .fenced(b.token())
+        .claim(&ticket, "attempt-b", now_ms())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        claim.last_attempt_at_ms.is_some(),
+        "the earlier attempt is remembered"
+    );
+    assert!(b.release().await.unwrap());
+    assert!(read_leader(&world.store, &q).await.unwrap().is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_first_to_ask_is_the_first_to_start_under_contention() {
+    let world = World::start(WorldSetup {
+        livekit: LiveKitStandInOptions {
+            egress_duration: Some(Duration::from_millis(60)),
+            no_capacity_delay: Duration::from_millis(50),
+            any_room_exists: true,
+            ..LiveKitStandInOptions::default()
+        },
+        ..WorldSetup::default()
+    })
+    .await;
+    let q = queue("fifo");
+    // Concurrent enqueues: their FIFO order is whatever Redis made of them.
+    let enqueues = (0..10).map(|i| {
+        let world = &world;
+        let q = &q;
+        async move {
+            world
+                .enqueue(q, EgressKind::RoomComposite, &format!("room-{i}"))
+                .await
+        }
+    });
+    futures::future::join_all(enqueues).await;
+    let expected: Vec<String> = world
+        .store
+        .peek_n(&q, 100)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|ticket| ticket.room_name)
+        .collect();
+    assert_eq!(expected.len(), 10);
+    // Two replicas compete for the lease; one 4-core pod takes one composite at a time.
+    let a = world.spawn(&q, fast_options(), "replica-a");
+    let b = world.spawn(&q, fast_options(), "replica-b");
+    assert!(
+        eventually(Duration::from_secs(20), || async {
+            world.livekit.started().len() == 10
+        })
+        .await,
+        "started {:?}",
+        world.started_rooms()
+    );
+    assert_eq!(world.started_rooms(), expected);
+    assert_eq!(
+        world.livekit.start_calls(),
+        10,
+        "no start is sent while the snapshot shows no free pod"
+    );
+    // The outcome is recorded once the answer is back, a moment after the 10th start.
+    // A start slower than the call timeout (a loaded machine) is adopted rather than started.
+    let recorded = || {
+        let text = world.metrics_text();
+        let outcome = |name: &str| {
+            counter(
+                &text,
+                &format!("egress_scaler_dispatch_outcomes_total{{outcome=\"{name}\"}}"),
+            )
+        };
+        (
+            outcome("started") + outcome("adopted"),
+            counter(&text, "egress_scaler_enqueue_to_start_seconds_count"),
+        )
+    };
+    assert!(
+        eventually(Duration::from_secs(5), || async { recorded() == (10, 10) }).await,
+        "{:?}",
+        recorded()
+    );
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strict_order_holds_the_queue_and_backfill_lets_a_small_job_pass() {
+    for order in [Order::Strict, Order::Backfill] {
+        let world = World::start(WorldSetup::default()).await;
+        // Someone else's track egress: 0.5 + 4 > 3.2, a composite fits nowhere.
+        world.pods[0].set_busy(&[("track", 1)]);
+        assert!(
+            eventually(Duration::from_secs(5), || async {
+                world.fleet.current().is_ok_and(|view| {
+                    view.pods
+                        .iter()
+                        .any(|pod| pod.active.get("track") == Some(&1))
+                })
+            })
+            .await,
+            "the fleet shows the busy pod"
+        );
+        let q = queue("order");
+        world.enqueue(&q, EgressKind::RoomComposite, "big").await;
+        world.enqueue(&q, EgressKind::Track, "small").await;
+        let running = world.spawn(
+            &q,
+            DispatchOptions {
+                order,
+                ..fast_options()
+            },
+            "d",
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        match order {
+            Order::Strict => {
+                assert_eq!(world.livekit.start_calls(), 0, "nothing passes the head");
+                world.pods[0].set_idle();
+                assert!(
+                    eventually(Duration::from_secs(5), || async {
+                        world.livekit.started().len() == 1
+                    })
+                    .await
+                );
+                assert_eq!(world.started_rooms(), ["big"]);
+            }
+            Order::Backfill => {
+                assert!(
+                    eventually(Duration::from_secs(5), || async {
+                        world.livekit.started().len() == 1
+                    })
+                    .await
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                assert_eq!(world.started_rooms(), ["small"]);
+                assert_eq!(world.livekit.start_calls(), 1);
+            }
+        }
+        running.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_claim_is_adopted_and_never_started_twice() {
+    let world = World::start(WorldSetup::default()).await;
+    let q = queue("late");
+    // The egress starts at once but the answer comes after the caller's timeout.
+    world.livekit.set_answer_delay(CALL_TIMEOUT * 2);
+    let first = world
+        .enqueue(&q, EgressKind::RoomComposite, "slow-answer")
+        .await;
+    let running = world.spawn(&q, fast_options(), "d");
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            world.state(&first).await == TicketState::Active
+        })
+        .await
+    );
+    // The egress starts only after the caller gave up.
+    world.livekit.set_answer_delay(Duration::ZERO);
+    world
+        .livekit
+        .set_claim_delay(CALL_TIMEOUT + Duration::from_millis(100));
+    world.pods[0].set_idle();
+    world.livekit.end_all();
+    let second = world.enqueue(&q, EgressKind::Track, "slow-claim").await;
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            world.state(&second).await == TicketState::Active
+        })
+        .await
+    );
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let started = world.livekit.started();
+    assert_eq!(world.started_rooms(), ["slow-answer", "slow-claim"]);
+    for (ticket, egress) in [(&first, &started[0]), (&second, &started[1])] {
+        let ticket = world.store.get(ticket).await.unwrap().unwrap();
+        assert_eq!(ticket.egress_id.as_deref(), Some(egress.egress_id.as_str()));
+    }
+    let text = world.metrics_text();
+    assert_eq!(
+        counter(
+            &text,
+            "egress_scaler_dispatch_outcomes_total{outcome=\"unknown\"}"
+        ),
+        2
+    );
+    assert_eq!(
+        counter(
+            &text,
+            "egress_scaler_dispatch_outcomes_total{outcome=\"adopted\"}"
+        ),
+        2
+    );
+    running.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unavailable_keeps_the_head_waiting_and_retries_with_backoff() {
+    // The fleet sees an idle pod that livekit-server does not have: capacity "raced away".
+    let world = World::start(WorldSetup {
+        pods: 0,
+        phantom_pods: 1,
+        ..WorldSetup::default()
+    })
+    .await;
+    let q = queue("raced");
+    let head = world.enqueue(&q, EgressKind::RoomComposite, "head").await;
+    let next = world.enqueue(&q, EgressKind::Track, "next").await;
+    let running = world.spawn(&q, fast_options(), "d");
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            world.livekit.start_calls() >= 3
+        })
+        .await,
+        "calls {}, fleet {:?}",
+        world.livekit.start_calls(),
+        world.fleet.current().map(|v| v.pods.clone()),
+    );
+    assert!(world.livekit.started().is_empty());
+    // Between attempts the head is back at its place (during one it is `dispatching`).
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            world.store.position(&head).await.unwrap() == Some(0)
+                && world.store.position(&next).await.unwrap() == Some(1)
+        })
+        .await
+    );
+    let text = world.metrics_text();
+    assert!(
+        counter(
+            &text,
+            "egress_scaler_dispatch_outcomes_total{outcome=\"unavailable\"}"
+        ) >= 3
+    );
+    // Capacity comes: the head first.
+    for _ in 0..2 {
+        world.livekit.add_pod(
+            EgressPodStandIn::start_on(
+                std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
+                Settings::default(),
+            )
+            .await
+            .unwrap(),
+        );
+    }
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            world.livekit.started().len() == 2
+        })
+        .await
+    );
+    assert_eq!(world.started_rooms(), ["head", "next"]);
+    running.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_room_is_retried_for_a_while_then_fails_without_holding_others() {
+    let world = World::start(WorldSetup {
+        pods: 2,
+        livekit: LiveKitStandInOptions {
+            any_room_exists: false,
+            no_capacity_delay: Duration::from_millis(50),
+            ..LiveKitStandInOptions::default()
+        },
+        ..WorldSetup::default()
+    })
+    .await;
+    world.livekit.create_room("exists");
+    let q = queue("rooms");
+    let ghost = world.enqueue(&q, EgressKind::RoomComposite, "ghost").await;
+    let real = world.enqueue(&q, EgressKind::RoomComposite, "exists").await;
+    let running = world.spawn(&q, fast_options(), "d");
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            world.state(&ghost).await == TicketState::Failed
+        })
+        .await
+    );
+    assert_eq!(world.state(&real).await, TicketState::Active);
+    assert!(world.livekit.start_calls() >= 3, "retried before failing");
+    let dead = world.store.dead_letters(&q, 10).await.unwrap();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].id, ghost);
+    let error = dead[0].error.clone().unwrap();
+    assert!(
+        error.contains("room") && error.contains("not_found"),
+        "{error}"
+    );
+    // The de-duplication key is free again.
+    let again = world.enqueue(&q, EgressKind::RoomComposite, "ghost").await;
+    assert_ne!(again, ghost);
+    running.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_request_fails_at_once_and_keeps_its_error() {
+    let world = World::start(WorldSetup {
+        pods: 2,
+        ..WorldSetup::default()
+    })
+    .await;
+    let q = queue("refused");
+    world
+        .livekit
+        .fail_next_start("invalid_argument", "unsupported output");
+    world
+        .livekit
+        .fail_next_start("permission_denied", "no permissions to access the room");
+    let a = world.enqueue(&q, EgressKind::RoomComposite, "a").await;
+    let b = world.enqueue(&q, EgressKind::RoomComposite, "b").await;
+    let c = world.enqueue(&q, EgressKind::RoomComposite, "c").await;
+    let running = world.spawn(&q, fast_options(), "d");
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            world.state(&c).await == TicketState::Active
+        })
+        .await
+    );
+    assert_eq!(
+        world.livekit.start_calls(),
+        3,
+        "no retry of a refused request"
+    );
+    for (ticket, code) in [(&a, "invalid_argument"), (&b, "permission_denied")] {
+        let failed = world.store.get(ticket).await.unwrap().unwrap();
+        assert_eq!(failed.state, TicketState::Failed);
+        assert!(failed.error.unwrap().contains(code));
+    }
+    assert_eq!(world.store.stats(&q).await.unwrap().dead_letters, 2);
+    running.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_takes_over_within_the_lease_time() {
+    let world = World::start(WorldSetup {
+        pods: 2,
+        ..WorldSetup::default()
+    })
+    .await;
+    let q = queue("failover");
+    let options = fast_options();
+    let lease = options.lease;
+    let a = world.spawn(&q, options.clone(), "a");
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            read_leader(&world.store, &q)
+                .await
+                .unwrap()
+                .is_some_and(|leader| leader.holder == "a")
+        })
+        .await
+    );
+    let b = world.spawn(&q, options.clone(), "b");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let killed_at = Instant::now();
+    a.kill().await;
+    let ticket = world
+        .enqueue(&q, EgressKind::RoomComposite, "after-kill")
+        .await;
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            world.state(&ticket).await == TicketState::Active
+        })
+        .await
+    );
+    let took = killed_at.elapsed();
+    assert!(
+        took < lease + Duration::from_millis(700),
+        "took over after {took:?}"
+    );
+    let leader = read_leader(&world.store, &q).await.unwrap().unwrap();
+    assert_eq!(leader.holder, "b");
+    // A clean shutdown releases the lease: the next one leads at once.
+    b.shutdown().await;
+    assert!(read_leader(&world.store, &q).await.unwrap().is_none());
+    let c = world.spawn(&q, options, "c");
+    let handover = Instant::now();
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            read_leader(&world.store, &q)
+                .await
+                .unwrap()
+                .is_some_and(|leader| leader.holder == "c")
+        })
+        .await
+    );
+    assert!(handover.elapsed() < lease, "{:?}", handover.elapsed());
+    let text = world.metrics_text();
+    assert!(
+        text.contains("egress_scaler_dispatch_leader{queue=\"failover\",holder=\"c\"} 1"),
+        "{text}"
+    );
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn active_tickets_whose_egress_ended_unseen_are_ended_by_the_reconcile() {
+    let world = World::start(WorldSetup::default()).await;
+    let q = queue("reconcile");
+    let ticket = world.enqueue(&q, EgressKind::RoomComposite, "r").await;
+    let running = world.spawn(
+        &q,
+        DispatchOptions {
+            reconcile_interval: Duration::from_millis(200),
+            ..fast_options()
+        },
+        "d",
+    );
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            world.state(&ticket).await == TicketState::Active
+        })
+        .await
+    );
+    // No webhook is configured: only the reconcile can notice.
+    world.livekit.end_all();
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            world.state(&ticket).await == TicketState::Ended
+        })
+        .await
+    );
+    let again = world.enqueue(&q, EgressKind::RoomComposite, "r").await;
+    assert_ne!(again, ticket, "the de-duplication key is free");
+    running.shutdown().await;
+}
+
+struct TempDir(std::path::PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_restart_keeps_the_queue_and_nothing_starts_twice() {
+    let dir = TempDir(std::env::temp_dir().join(format!(
+        "egress-scaler-dispatch-{}",
+        uuid::Uuid::new_v4().simple()
+    )));
+    let redis = RedisServer::start_persistent(&dir.0).unwrap();
+    let mut world = World::start(WorldSetup {
+        redis: Some(redis),
+        ..WorldSetup::default()
+    })
+    .await;
+    let q = queue("durable");
+    let mut tickets = Vec::new();
+    for i in 0..4 {
+        tickets.push(
+            world
+                .enqueue(&q, EgressKind::RoomComposite, &format!("room-{i}"))
+                .await,
+        );
+    }
+    let running = world.spawn(
+        &q,
+        DispatchOptions {
+            reconcile_interval: Duration::from_millis(200),
+            ..fast_options()
+        },
+        "d",
+    );
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            world.livekit.started().len() == 1
+        })
+        .await
+    );
+    world.redis.restart().unwrap();
+    // One pod, one composite at a time: each recording ends, the reconcile notices, the next
+    // starts.
+    for started in 2..=4 {
+        world.livekit.end_all();
+        assert!(
+            eventually(Duration::from_secs(15), || async {
+                world.livekit.started().len() == started
+            })
+            .await,
+            "started {:?}",
+            world.started_rooms()
+        );
+        if started == 2 {
+            world.redis.restart().unwrap();
+        }
+    }
+    assert_eq!(
+        world.started_rooms(),
+        ["room-0", "room-1", "room-2", "room-3"]
+    );
+    let started = world.livekit.started();
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            world.state(&tickets[3]).await == TicketState::Active
+        })
+        .await
+    );
+    for (ticket, egress) in tickets.iter().zip(&started) {
+        let ticket = world.store.get(ticket).await.unwrap().unwrap();
+        assert!(
+            matches!(ticket.state, TicketState::Active | TicketState::Ended),
+            "{ticket:?}"
+        );
+        assert_eq!(ticket.egress_id.as_deref(), Some(egress.egress_id.as_str()));
+    }
+    running.shutdown().await;
+}
+
+/// Kills the dispatcher at the `nth` time it reaches `point`.
+struct CrashPlan {
+    point: FaultPoint,
+    nth: u32,
+    seen: AtomicU32,
+    fired: AtomicBool,
+}
+
+impl FaultHook for CrashPlan {
+    fn crash_at(&self, point: FaultPoint) -> bool {
+        point == self.point
+            && self.seen.fetch_add(1, Ordering::SeqCst) + 1 == self.nth
+            && !self.fired.swap(true, Ordering::SeqCst)
+    }
+}
+
+/// The real client, with injected lost answers, early give-ups and unreachable servers.
+struct FlakyApi {
+    inner: TwirpEgressApi,
+    rng: Mutex<StdRng>,
+}
+
+impl FlakyApi {
+    fn roll(&self) -> f64 {
+        self.rng.lock().unwrap().random()
+    }
+}
+
+impl EgressApi for FlakyApi {
+    async fn start(&self, request: &StartRequest) -> Result<proto::EgressInfo, EgressApiError> {
+        let roll = self.roll();
+        if roll < 0.05 {
+            return Err(EgressApiError::Unreachable("injected".to_owned()));
+        }
+        if roll < 0.15 {
+            // The caller gives up at once: the egress may start anyway (a late claim).
+            let limit = Duration::from_millis(2);
+            return match tokio::time::timeout(limit, self.inner.start(request)).await {
+                Ok(result) => result,
+                Err(_) => Err(EgressApiError::Timeout(limit)),
+            };
+        }
+        let result = self.inner.start(request).await;
+        if roll < 0.25 && result.is_ok() {
+            return Err(EgressApiError::Transport(
+                "answer lost (injected)".to_owned(),
+            ));
+        }
+        result
+    }
+
+    async fn list_egress(
+        &self,
+        filter: &ListFilter,
+        active: bool,
+    ) -> Result<Vec<proto::EgressInfo>, EgressApiError> {
+        if self.roll() < 0.05 {
+            return Err(EgressApiError::Transport("injected".to_owned()));
+        }
+        self.inner.list_egress(filter, active).await
+    }
+}
+
+/// Total dispatcher kills to reach, and the time allowed for them.
+const KILLS: u32 = 200;
+const KILL_BUDGET: Duration = Duration::from_secs(45);
+const WORKERS: usize = 8;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_at_any_step_no_request_is_lost_or_started_twice() {
+    let settings = Settings {
+        // Room for every job of the test: capacity is not what this test is about.
+        pod_cpu: 4_000_000,
+        ..Settings::default()
+    };
+    let world = Arc::new(
+        World::start(WorldSetup {
+            pods: 2,
+            settings,
+            ..WorldSetup::default()
+        })
+        .await,
+    );
+    // Every egress starts a little after its call arrives, so that a caller that gave up
+    // early (or died) is followed by a late claim that a hasty retry would duplicate.
+    world.livekit.set_claim_delay(Duration::from_millis(40));
+    let kills = Arc::new(AtomicU32::new(0));
+    let hits: Arc<Mutex<HashMap<FaultPoint, u32>>> = Arc::default();
+    let deadline = Instant::now() + KILL_BUDGET;
+    let workers = (0..WORKERS).map(|worker| {
+        let (world, kills, hits) = (world.clone(), kills.clone(), hits.clone());
+        tokio::spawn(async move { crash_trials(world, worker, kills, hits, deadline).await })
+    });
+    let mut trials = 0;
+    let mut tickets = 0;
+    for result in futures::future::join_all(workers).await {
+        let (worker_trials, worker_tickets) = result.unwrap();
+        trials += worker_trials;
+        tickets += worker_tickets;
+    }
+    let kills = kills.load(Ordering::SeqCst);
+    println!("{trials} trials, {tickets} tickets, {kills} kills, by point: {hits:?}");
+    assert!(kills >= KILLS, "only {kills} kills in {KILL_BUDGET:?}");
+    assert_eq!(
+        world.livekit.started().len(),
+        tickets,
+        "one egress per ticket"
+    );
+}
+
+/// Runs trials on one queue until enough kills happened in total; returns (trials, tickets).
+async fn crash_trials(
+    world: Arc<World>,
+    worker: usize,
+    kills: Arc<AtomicU32>,
+    hits: Arc<Mutex<HashMap<FaultPoint, u32>>>,
+    deadline: Instant,
+) -> (usize, usize) {
+    let q = queue(&format!("crash-{worker}"));
+    let mut rng = StdRng::seed_from_u64(worker as u64 + 1);
+    let kinds = [
+        EgressKind::RoomComposite,
+        EgressKind::AudioRoomComposite,
+        EgressKind::Track,
+        EgressKind::Participant,
+    ];
+    let mut trials = 0;
+    let mut tickets_total = 0;
+    let mut generation = 0u32;
+    while Instant::now() < deadline && kills.load(Ordering::SeqCst) < KILLS {
+        trials += 1;
+        let mut tickets = Vec::new();
+        for k in 0..3 {
+            let room = format!("w{worker}-t{trials}-{k}");
+            let kind = kinds[rng.random_range(0..kinds.len())];
+            tickets.push((room.clone(), world.enqueue(&q, kind, &room).await));
+        }
+        tickets_total += tickets.len();
+        for chain in 0.. {
+            generation += 1;
+            let plan = (chain < 4 && rng.random_bool(0.9)).then(|| {
+                Arc::new(CrashPlan {
+                    point: FaultPoint::ALL[rng.random_range(0..FaultPoint::ALL.len())],
+                    nth: rng.random_range(1..=3),
+                    seen: AtomicU32::new(0),
+                    fired: AtomicBool::new(false),
+                })
+            });
+            let api = FlakyApi {
+                inner: world.api(),
+                rng: Mutex::new(StdRng::seed_from_u64(rng.random())),
+            };
+            let mut dispatcher =
+                world.dispatcher(&q, api, fast_options(), &format!("w{worker}-g{generation}"));
+            if let Some(plan) = &plan {
+                dispatcher = dispatcher.with_faults(plan.clone());
+            }
+            let running = Running::spawn(dispatcher);
+            let trial_limit = Instant::now() + Duration::from_secs(20);
+            loop {
+                if running.handle.is_finished() {
+                    break;
+                }
+                let mut done = true;
+                for (_, ticket) in &tickets {
+                    done &= world.state(ticket).await == TicketState::Active;
+                }
+                if done {
+                    running.stop.cancel();
+                    break;
+                }
+                assert!(Instant::now() < trial_limit, "trial stuck: {tickets:?}");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            match running.handle.await.unwrap() {
+                Err(DispatchError::Crashed(point)) => {
+                    kills.fetch_add(1, Ordering::SeqCst);
+                    *hits.lock().unwrap().entry(point).or_default() += 1;
+                }
+                Ok(()) => {}
+            }
+            let mut done = true;
+            for (_, ticket) in &tickets {
+                done &= world.state(ticket).await == TicketState::Active;
+            }
+            if done {
+                break;
+            }
+        }
+        // Exactly one egress per ticket, and the ticket records it.
+        let started = world.livekit.started();
+        for (room, ticket) in &tickets {
+            let egress: Vec<_> = started.iter().filter(|e| &e.room_name == room).collect();
+            assert_eq!(egress.len(), 1, "{room}: {egress:?}");
+            let ticket = world.store.get(ticket).await.unwrap().unwrap();
+            assert_eq!(
+                ticket.egress_id.as_deref(),
+                Some(egress[0].egress_id.as_str())
+            );
+            // Done with it: end the recording so that the active set stays small.
+            world.livekit.end_egress(&egress[0].egress_id);
+            assert!(world.store.mark_ended(&ticket.id, now_ms()).await.unwrap());
+        }
+    }
+    (trials, tickets_total)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_stand_in_speaks_twirp_json_and_protobuf_and_checks_tokens() {
+    use livekit_api::access_token::{AccessToken, VideoGrants};
+    use prost::Message;
+    let world = World::start(WorldSetup {
+        livekit: LiveKitStandInOptions {
+            any_room_exists: false,
+            ..WorldSetup::default().livekit
+        },
+        ..WorldSetup::default()
+    })
+    .await;
+    world.livekit.create_room("json-room");
+    let options = world.livekit.options().clone();
+    let token = |record: bool, secret: &str| {
+        AccessToken::with_api_key(&options.api_key, secret)
+            .with_grants(VideoGrants {
+                room_record: record,
+                ..Default::default()
+            })
+            .to_jwt()
+            .unwrap()
+    };
+    let client = support::http_client();
+    let url = |method: &str| format!("{}/twirp/livekit.Egress/{method}", world.livekit.url());
+    let post_json = |method: &str, auth: Option<String>, body: serde_json::Value| {
+        let mut request = client
+            .post(url(method))
+            .header("content-type", "application/json")
+            .body(body.to_string());
+        if let Some(auth) = auth {
+            request = request.bearer_auth(auth);
+        }
+        request.send()
+    };
+    let good = token(true, &options.api_secret);
+
+    let started = post_json(
+        "StartRoomCompositeEgress",
+        Some(good.clone()),
+        serde_json::json!({"roomName": "json-room", "layout": "grid"}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(started.status(), 200);
+    let info: serde_json::Value = started.json().await.unwrap();
+    assert!(info["egressId"].as_str().unwrap().starts_with("EG_"));
+    assert_eq!(info["roomName"], "json-room");
+    assert_eq!(info["roomComposite"]["layout"], "grid");
+
+    let listed: serde_json::Value = post_json(
+        "ListEgress",
+        Some(good.clone()),
+        serde_json::json!({"roomName": "json-room", "active": true}),
+    )
+    .await
+    .unwrap()
+    .json()
+    .await
+    .unwrap();
+    assert_eq!(listed["items"].as_array().unwrap().len(), 1);
+
+    // The same call in protobuf.
+    let body = proto::ListEgressRequest {
+        room_name: "json-room".to_owned(),
+        ..Default::default()
+    }
+    .encode_to_vec();
+    let answer = client
+        .post(url("ListEgress"))
+        .bearer_auth(good.clone())
+        .header("content-type", "application/protobuf")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 200);
+    let list = proto::ListEgressResponse::decode(answer.bytes().await.unwrap()).unwrap();
+    assert_eq!(list.items[0].room_name, "json-room");
+
+    for (auth, status, code) in [
+        (None, 401, "unauthenticated"),
+        (
+            Some(token(true, "not-the-secret-not-the-secret-00")),
+            401,
+            "unauthenticated",
+        ),
+        (
+            Some(token(false, &options.api_secret)),
+            403,
+            "permission_denied",
+        ),
+    ] {
+        let answer = post_json("ListEgress", auth, serde_json::json!({}))
+            .await
+            .unwrap();
+        assert_eq!(answer.status(), status);
+        let error: serde_json::Value = answer.json().await.unwrap();
+        assert_eq!(error["code"], code);
+    }
+    let missing = post_json(
+        "StartRoomCompositeEgress",
+        Some(good.clone()),
+        serde_json::json!({"roomName": "no-such-room"}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(missing.status(), 404);
+    let error: serde_json::Value = missing.json().await.unwrap();
+    assert_eq!(error["code"], "not_found");
+    let unknown = post_json("UpdateEverything", Some(good), serde_json::json!({}))
+        .await
+        .unwrap();
+    assert_eq!(unknown.status(), 404);
+}
