@@ -17,7 +17,9 @@ const READY_TIMEOUT: Duration = Duration::from_secs(10);
 /// Free ports picked before giving up when each one is taken by someone else first.
 const PORT_ATTEMPTS: usize = 5;
 /// How long a fresh cluster may take until every node reports `cluster_state:ok`.
-const CLUSTER_READY_TIMEOUT: Duration = Duration::from_secs(10);
+const CLUSTER_READY_TIMEOUT: Duration = Duration::from_secs(30);
+/// How often the nodes are introduced again while the cluster converges.
+const CLUSTER_MEET_AGAIN: Duration = Duration::from_secs(2);
 /// The hash slots of a Redis Cluster.
 const CLUSTER_SLOTS: u32 = 16_384;
 
@@ -342,15 +344,7 @@ impl RedisCluster {
                 .arg(last)
                 .exec(connection)?;
         }
-        for node in &cluster.nodes[1..] {
-            let bus_port = node.cluster.as_ref().expect("a cluster node").bus_port;
-            redis::cmd("CLUSTER")
-                .arg("MEET")
-                .arg("127.0.0.1")
-                .arg(node.port)
-                .arg(bus_port)
-                .exec(&mut connections[0])?;
-        }
+        cluster.meet(&mut connections)?;
         cluster.wait_until_ready(&mut connections)?;
         Ok(cluster)
     }
@@ -396,6 +390,20 @@ impl RedisCluster {
         )
     }
 
+    /// Introduces every other node to the first one (idempotent).
+    fn meet(&self, connections: &mut [redis::Connection]) -> Result<(), RedisServerError> {
+        for node in &self.nodes[1..] {
+            let bus_port = node.cluster.as_ref().expect("a cluster node").bus_port;
+            redis::cmd("CLUSTER")
+                .arg("MEET")
+                .arg("127.0.0.1")
+                .arg(node.port)
+                .arg(bus_port)
+                .exec(&mut connections[0])?;
+        }
+        Ok(())
+    }
+
     fn wait_until_ready(
         &self,
         connections: &mut [redis::Connection],
@@ -406,6 +414,7 @@ impl RedisCluster {
             format!("cluster_known_nodes:{}", self.nodes.len()),
         ];
         let deadline = Instant::now() + CLUSTER_READY_TIMEOUT;
+        let mut next_meet = Instant::now() + CLUSTER_MEET_AGAIN;
         loop {
             let mut not_ready = None;
             for (connection, node) in connections.iter_mut().zip(&self.nodes) {
@@ -425,7 +434,14 @@ impl RedisCluster {
                         state,
                     });
                 }
-                Some(_) => thread::sleep(Duration::from_millis(20)),
+                Some(_) => {
+                    // Under load a gossip message can be late or lost: introduce them again.
+                    if Instant::now() >= next_meet {
+                        self.meet(connections)?;
+                        next_meet = Instant::now() + CLUSTER_MEET_AGAIN;
+                    }
+                    thread::sleep(Duration::from_millis(20));
+                }
             }
         }
     }
