@@ -148,9 +148,25 @@ pub async fn start(config: ServeConfig, shutdown: CancellationToken) -> anyhow::
             )
             .context("cannot set up the fleet observer")?;
             let token = shutdown.clone();
+            // Scraping and parsing hundreds of pods comes in bursts of CPU work; on a runtime
+            // of its own they do not queue in front of KEDA's calls.
+            let (done, finished) = tokio::sync::oneshot::channel();
+            std::thread::Builder::new()
+                .name("fleet-observer".to_owned())
+                .spawn(move || {
+                    let outcome = tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                        .map(|runtime| runtime.block_on(observer.run(token)));
+                    let _ = done.send(outcome);
+                })
+                .context("cannot start the fleet observer thread")?;
             tasks.spawn(async move {
-                observer.run(token).await;
-                Ok(())
+                match finished.await {
+                    Ok(Ok(())) => Ok(()),
+                    Ok(Err(error)) => Err(anyhow::anyhow!("fleet observer runtime: {error}")),
+                    Err(_) => Err(anyhow::anyhow!("the fleet observer thread panicked")),
+                }
             });
             fleet
         }
