@@ -174,7 +174,9 @@ impl FleetView {
     /// Free CPU of the whole fleet, cores.
     pub fn free_cpu_cores(&self) -> f64 {
         // A fold from +0.0: `sum` of no pods is -0.0, which prints as "-0.0".
-        self.pods.iter().fold(0.0, |free, pod| free + pod.free_cpu_cores)
+        self.pods
+            .iter()
+            .fold(0.0, |free, pod| free + pod.free_cpu_cores)
     }
 }
 
