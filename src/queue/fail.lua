@@ -5,15 +5,9 @@ local refused = stale_fence(ARGV[10])
 if refused then
   return refused
 end
-local state, kind, room = unpack(redis.call('HMGET', ticket, 'state', 'kind', 'room'))
-if state == 'queued' then
-  leave_pending(kind, room)
-elseif state == 'dispatching' then
-  redis.call('ZREM', dispatching, id)
-else
+if not leave_unstarted() then
   return 0
 end
-decrement(demand, kind)
 redis.call('HSET', ticket, 'error', ARGV[5])
 finish('failed', ARGV[6], ARGV[7])
 redis.call('ZADD', dead, ARGV[6], id)

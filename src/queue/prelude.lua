@@ -33,6 +33,21 @@ local function leave_pending(kind, room)
   redis.call('SREM', room_key(room), id)
 end
 
+-- A ticket not started yet (queued or dispatching) leaves its set and the demand; false when
+-- it is in any other state (nothing changed).
+local function leave_unstarted()
+  local state, kind, room = unpack(redis.call('HMGET', ticket, 'state', 'kind', 'room'))
+  if state == 'queued' then
+    leave_pending(kind, room)
+  elseif state == 'dispatching' then
+    redis.call('ZREM', dispatching, id)
+  else
+    return false
+  end
+  decrement(demand, kind)
+  return true
+end
+
 -- A finished ticket frees its dedup key (only if the key still names it) and expires.
 local function finish(state, now, ttl_ms)
   redis.call('HSET', ticket, 'state', state, 'ended_at', now)

@@ -4,15 +4,9 @@ local refused = stale_fence(ARGV[7])
 if refused then
   return refused
 end
-local state, kind, room = unpack(redis.call('HMGET', ticket, 'state', 'kind', 'room'))
-if state == 'queued' then
-  leave_pending(kind, room)
-elseif state == 'dispatching' then
-  redis.call('ZREM', dispatching, id)
-else
+if not leave_unstarted() then
   return 0
 end
-decrement(demand, kind)
 redis.call('ZADD', active, ARGV[6], id)
 redis.call('HSET', ticket, 'state', 'active', 'egress_id', ARGV[5], 'started_at', ARGV[6])
 redis.call('HSET', egress, ARGV[5], id)
