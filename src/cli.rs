@@ -35,6 +35,21 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Enqueue(args) => enqueue(args).await,
         Command::Status(args) => status(args).await,
+        Command::Simulate(args) => {
+            let config = match args.resolve() {
+                Ok(config) => config,
+                Err(error) => {
+                    eprintln!("egress-scaler: {error}");
+                    return Ok(ExitCode::from(2));
+                }
+            };
+            // Hours of virtual time are CPU work: keep it off the async runtime's threads.
+            tokio::task::spawn_blocking(move || {
+                crate::simulate::simulate(&config, &mut std::io::stdout().lock())
+            })
+            .await??;
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 

@@ -48,6 +48,8 @@ pub enum Command {
     Enqueue(EnqueueArgs),
     /// Show queues, fleet and desired replicas from a running server.
     Status(StatusArgs),
+    /// Compare scaling policies on the same traffic in virtual time (capacity planning).
+    Simulate(SimulateArgs),
 }
 
 /// Flags of `serve` (each also an `EGRESS_SCALER_<FLAG>` environment variable).
@@ -190,6 +192,233 @@ pub struct StatusArgs {
     /// Print the server's JSON instead of a table.
     #[arg(long)]
     pub json: bool,
+}
+
+/// Flags of `simulate`.
+#[derive(Debug, Default, Args)]
+pub struct SimulateArgs {
+    /// A built-in trace (business-day, burst, night, mixed) or a CSV file
+    /// `arrival_seconds,kind,duration_seconds,room` (repeatable) [default: every built-in].
+    #[arg(long, value_name = "NAME|FILE")]
+    pub trace: Vec<String>,
+    /// Policies to compare (repeatable): egress-scaler, hpa-cpu, keda-prometheus-available,
+    /// keda-redis-list, oracle [default: all].
+    #[arg(long, value_name = "POLICY", value_delimiter = ',')]
+    pub policy: Vec<String>,
+    /// Seed of the built-in traces.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Seconds from pod creation until it takes jobs.
+    #[arg(long, default_value_t = 30.0)]
+    pub cold_start: f64,
+    /// egress-scaler's warm pool.
+    #[arg(long, default_value_t = 0)]
+    pub warm_pool: u32,
+    /// CPU limit of one egress pod, in cores [default: 4].
+    #[arg(long)]
+    pub pod_cpu: Option<f64>,
+    /// The egress max_cpu_utilization [default: 0.8].
+    #[arg(long)]
+    pub max_cpu_utilization: Option<f64>,
+    /// Cost table override, KIND=CORES (repeatable).
+    #[arg(long = "cost", value_name = "KIND=CORES", value_delimiter = ',')]
+    pub cost: Vec<String>,
+    /// Most pods any policy may run.
+    #[arg(long, default_value_t = 100)]
+    pub max_replicas: u32,
+    /// The HPA controller's sync period, seconds (a cluster-wide setting).
+    #[arg(long, default_value_t = 15.0)]
+    pub hpa_sync: f64,
+    /// livekit-server's wait for a pod before it answers 503, seconds.
+    #[arg(long, default_value_t = 20.0)]
+    pub no_capacity_wait: f64,
+    /// hpa-cpu's target CPU utilization, 0..1.
+    #[arg(long, default_value_t = 0.6)]
+    pub cpu_target: f64,
+    /// keda-prometheus-available's target of idle pods.
+    #[arg(long, default_value_t = 1)]
+    pub available_target: u32,
+    /// Write CSV, JSON and SVG files here.
+    #[arg(long, value_name = "DIR")]
+    pub out: Option<PathBuf>,
+    /// Try egress-scaler with each setting: `warm-pool=0..3`, `cold-start=15,30,60`,
+    /// `scale-down=60,300` (seconds an unneeded pod is kept) (repeatable; every combination).
+    #[arg(long, value_name = "SETTING=VALUES")]
+    pub sweep: Vec<String>,
+    /// With --sweep: name the cheapest setting whose p99 wait is under this many seconds.
+    #[arg(long, value_name = "SECONDS")]
+    pub p99_under: Option<f64>,
+}
+
+impl SimulateArgs {
+    /// Validates the flags into a [`SimulateConfig`](crate::simulate::SimulateConfig).
+    pub fn resolve(self) -> Result<crate::simulate::SimulateConfig, ConfigError> {
+        use crate::simulate::{BuiltIn, Policy, SimOptions, Sweep, TraceSource};
+
+        let traces = if self.trace.is_empty() {
+            BuiltIn::ALL.into_iter().map(TraceSource::BuiltIn).collect()
+        } else {
+            self.trace
+                .iter()
+                .map(|name| match name.parse::<BuiltIn>() {
+                    Ok(built_in) => Ok(TraceSource::BuiltIn(built_in)),
+                    Err(_) if Path::new(name).is_file() => Ok(TraceSource::File(name.into())),
+                    Err(_) => Err(invalid(
+                        "--trace",
+                        format!(
+                            "{name:?} is neither a built-in trace (business-day, burst, night, mixed) nor a file"
+                        ),
+                    )),
+                })
+                .collect::<Result<_, _>>()?
+        };
+        let mut policies = if self.policy.is_empty() {
+            Policy::ALL.to_vec()
+        } else {
+            self.policy
+                .iter()
+                .map(|name| name.parse::<Policy>().map_err(|e| invalid("--policy", e)))
+                .collect::<Result<Vec<_>, _>>()?
+        };
+        policies.sort();
+        policies.dedup();
+
+        let mut options = SimOptions::default();
+        apply_pod_flags(
+            &mut options.settings,
+            self.pod_cpu,
+            self.max_cpu_utilization,
+            BTreeMap::new(),
+            &self.cost,
+        )?;
+        options.settings.warm_pool = self.warm_pool;
+        if self.max_replicas == 0 {
+            return Err(invalid("--max-replicas", "must be at least 1"));
+        }
+        options.settings.max_replicas = self.max_replicas;
+        options.cold_start = sim_millis("--cold-start", self.cold_start, true)?;
+        options.hpa_sync = sim_millis("--hpa-sync", self.hpa_sync, false)?;
+        options.no_capacity_wait = sim_millis("--no-capacity-wait", self.no_capacity_wait, true)?;
+        if !(self.cpu_target > 0.0 && self.cpu_target <= 1.0) {
+            return Err(invalid(
+                "--cpu-target",
+                format!("{} must be greater than 0 and at most 1", self.cpu_target),
+            ));
+        }
+        options.cpu_target = self.cpu_target;
+        options.available_target = self.available_target;
+
+        let sweep = if self.sweep.is_empty() {
+            None
+        } else {
+            let mut sweep = Sweep::default();
+            for spec in &self.sweep {
+                let (name, values) = spec
+                    .split_once('=')
+                    .ok_or_else(|| invalid("--sweep", format!("{spec:?} is not SETTING=VALUES")))?;
+                let numbers = sweep_values(values)
+                    .map_err(|reason| invalid("--sweep", format!("{spec:?}: {reason}")))?;
+                match name.trim() {
+                    "warm-pool" => {
+                        sweep.warm_pools = numbers
+                            .iter()
+                            .map(|n| {
+                                if n.fract() == 0.0 && (0.0..=1000.0).contains(n) {
+                                    Ok(*n as u32)
+                                } else {
+                                    Err(invalid(
+                                        "--sweep",
+                                        format!("{spec:?}: a warm pool is a whole number of pods"),
+                                    ))
+                                }
+                            })
+                            .collect::<Result<_, _>>()?
+                    }
+                    "cold-start" => {
+                        sweep.cold_starts = numbers
+                            .iter()
+                            .map(|n| sim_millis("--sweep", *n, true))
+                            .collect::<Result<_, _>>()?
+                    }
+                    "scale-down" => {
+                        sweep.scale_downs = numbers
+                            .iter()
+                            .map(|n| sim_millis("--sweep", *n, true))
+                            .collect::<Result<_, _>>()?
+                    }
+                    other => {
+                        return Err(invalid(
+                            "--sweep",
+                            format!(
+                                "unknown setting {other:?} (expected warm-pool, cold-start or scale-down)"
+                            ),
+                        ));
+                    }
+                }
+            }
+            Some(sweep)
+        };
+        if let Some(goal) = self.p99_under {
+            if sweep.is_none() {
+                return Err(invalid("--p99-under", "needs --sweep"));
+            }
+            if !(goal.is_finite() && goal > 0.0) {
+                return Err(invalid(
+                    "--p99-under",
+                    format!("{goal} is not a positive number of seconds"),
+                ));
+            }
+        }
+        Ok(crate::simulate::SimulateConfig {
+            traces,
+            policies,
+            seed: self.seed,
+            options,
+            out_dir: self.out,
+            sweep,
+            p99_under: self.p99_under,
+        })
+    }
+}
+
+/// Seconds of virtual time as milliseconds; zero allowed where `zero_ok`.
+fn sim_millis(setting: &'static str, seconds: f64, zero_ok: bool) -> Result<u64, ConfigError> {
+    if seconds.is_finite() && seconds <= 86_400.0 && (seconds > 0.0 || (zero_ok && seconds == 0.0))
+    {
+        Ok((seconds * 1000.0).round() as u64)
+    } else {
+        Err(invalid(
+            setting,
+            format!("{seconds} is not a number of seconds from 0 to 86400"),
+        ))
+    }
+}
+
+/// `A..B` (whole numbers, both ends included) or `A,B,C`.
+fn sweep_values(text: &str) -> Result<Vec<f64>, String> {
+    if let Some((from, to)) = text.split_once("..") {
+        let from: u32 = from
+            .trim()
+            .parse()
+            .map_err(|_| format!("{from:?} is not a whole number"))?;
+        let to: u32 = to
+            .trim()
+            .trim_start_matches('=')
+            .parse()
+            .map_err(|_| format!("{to:?} is not a whole number"))?;
+        if from > to || to - from > 100 {
+            return Err(format!("{from}..{to} is not a range of at most 100 steps"));
+        }
+        return Ok((from..=to).map(f64::from).collect());
+    }
+    text.split(',')
+        .map(|value| {
+            value
+                .trim()
+                .parse::<f64>()
+                .map_err(|_| format!("{value:?} is not a number"))
+        })
+        .collect()
 }
 
 /// The `--config` file: the `serve` settings with `_` in place of `-`.
@@ -367,38 +596,13 @@ impl ServeArgs {
         }
 
         let mut settings = Settings::default();
-        if let Some(cores) = self.pod_cpu.or(file.pod_cpu) {
-            settings.pod_cpu = cores_to_millicores(cores)
-                .filter(|m| *m > 0)
-                .ok_or_else(|| {
-                    invalid(
-                        "--pod-cpu",
-                        format!("{cores} is not a positive number of cores"),
-                    )
-                })?;
-        }
-        if let Some(u) = self.max_cpu_utilization.or(file.max_cpu_utilization) {
-            if !(u > 0.0 && u <= 1.0) {
-                return Err(invalid(
-                    "--max-cpu-utilization",
-                    format!("{u} must be greater than 0 and at most 1"),
-                ));
-            }
-            settings.max_cpu_utilization = u;
-        }
-        for (kind, cores) in file.cost.unwrap_or_default() {
-            set_cost(&mut settings, &kind, cores)?;
-        }
-        for pair in &self.cost {
-            let (kind, cores) = pair
-                .split_once('=')
-                .ok_or_else(|| invalid("--cost", format!("{pair:?} is not KIND=CORES")))?;
-            let cores: f64 = cores
-                .trim()
-                .parse()
-                .map_err(|_| invalid("--cost", format!("{pair:?}: {cores:?} is not a number")))?;
-            set_cost(&mut settings, kind.trim(), cores)?;
-        }
+        apply_pod_flags(
+            &mut settings,
+            self.pod_cpu.or(file.pod_cpu),
+            self.max_cpu_utilization.or(file.max_cpu_utilization),
+            file.cost.unwrap_or_default(),
+            &self.cost,
+        )?;
         settings.warm_pool = self.warm_pool.or(file.warm_pool).unwrap_or(0);
         settings.min_replicas = self.min_replicas.or(file.min_replicas).unwrap_or(0);
         settings.max_replicas = self.max_replicas.or(file.max_replicas).unwrap_or(100);
@@ -638,6 +842,50 @@ fn read_file_config(path: &Path) -> Result<FileConfig, ConfigError> {
             format!("{}: {}", path.display(), error.message()),
         )
     })
+}
+
+/// Pod CPU, `max_cpu_utilization` and cost overrides (file first, then `KIND=CORES` flags),
+/// shared by `serve` and `simulate`.
+fn apply_pod_flags(
+    settings: &mut Settings,
+    pod_cpu: Option<f64>,
+    max_cpu_utilization: Option<f64>,
+    file_costs: BTreeMap<String, f64>,
+    cost_flags: &[String],
+) -> Result<(), ConfigError> {
+    if let Some(cores) = pod_cpu {
+        settings.pod_cpu = cores_to_millicores(cores)
+            .filter(|m| *m > 0)
+            .ok_or_else(|| {
+                invalid(
+                    "--pod-cpu",
+                    format!("{cores} is not a positive number of cores"),
+                )
+            })?;
+    }
+    if let Some(u) = max_cpu_utilization {
+        if !(u > 0.0 && u <= 1.0) {
+            return Err(invalid(
+                "--max-cpu-utilization",
+                format!("{u} must be greater than 0 and at most 1"),
+            ));
+        }
+        settings.max_cpu_utilization = u;
+    }
+    for (kind, cores) in file_costs {
+        set_cost(settings, &kind, cores)?;
+    }
+    for pair in cost_flags {
+        let (kind, cores) = pair
+            .split_once('=')
+            .ok_or_else(|| invalid("--cost", format!("{pair:?} is not KIND=CORES")))?;
+        let cores: f64 = cores
+            .trim()
+            .parse()
+            .map_err(|_| invalid("--cost", format!("{pair:?}: {cores:?} is not a number")))?;
+        set_cost(settings, kind.trim(), cores)?;
+    }
+    Ok(())
 }
 
 fn set_cost(settings: &mut Settings, kind: &str, cores: f64) -> Result<(), ConfigError> {

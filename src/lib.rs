@@ -13,6 +13,7 @@
 //! - [`tls`]: TLS and mutual TLS of the gRPC listener, certificates reloaded on change.
 //! - [`telemetry`]: the metrics registry and logging.
 //! - [`server`]: `serve`, wiring the above with one shutdown token.
+//! - [`simulate`]: scaling policies side by side on a trace, in virtual time, over [`model`].
 //! - [`cli`]: the subcommands, `enqueue` and `status` as clients of the HTTP API.
 //! - [`redis_server`]: a real `redis-server` child process for tests, benchmarks and the demo.
 //! - [`standin`]: HTTP stand-ins for egress pods and Prometheus, for tests, benches and `demo`.
@@ -29,6 +30,7 @@ pub mod queue;
 pub mod redis_server;
 pub mod scaler;
 pub mod server;
+pub mod simulate;
 pub mod standin;
 pub mod telemetry;
 pub mod tls;

@@ -1,0 +1,796 @@
+//! The discrete-event simulation of one policy on one trace: arrivals, livekit-server placing
+//! jobs on egress pods (DESIGN.md 2.1, the same `choose_pod` as the stand-ins), pods with a
+//! cold start and a graceful drain, the dispatcher, and KEDA and the HPA (DESIGN.md 2.4).
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, VecDeque};
+
+use crate::model::{
+    Demand, EgressKind, FleetSnapshot, Pod, PodLoad, PodState, Settings, choose_pod, decide,
+    reported_type,
+};
+
+use super::kube::{
+    Behavior, Hpa, Keda, KedaAction, KedaState, MetricReading, Millis, PodAge, deletion_order,
+    recommend,
+};
+use super::trace::Trace;
+use super::{Policy, SimOptions};
+
+/// What happened to one request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StartRecord {
+    /// Index of the arrival in the trace.
+    pub request: usize,
+    /// When its egress started.
+    pub at: Millis,
+    /// The pod it runs on (index into [`Outcome::pods`]).
+    pub pod: usize,
+}
+
+/// The life of one pod.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PodRecord {
+    /// Created by a scale-up.
+    pub created: Millis,
+    /// Ready to take jobs (end of its cold start).
+    pub ready_at: Millis,
+    /// Told to stop (SIGTERM), if it was.
+    pub terminated: Option<Millis>,
+    /// Gone (its last recording ended, or never had one); `None`: still there at the horizon.
+    pub gone: Option<Millis>,
+}
+
+/// One point of the timeline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Sample {
+    /// Time.
+    pub at: Millis,
+    /// Recordings running or waiting to start.
+    pub demand: u32,
+    /// Pods that exist (starting, ready or draining).
+    pub pods: u32,
+    /// The replica count Kubernetes is asked for.
+    pub replicas: u32,
+    /// Requests waiting to start (queued, or a start call waiting for a pod).
+    pub waiting: u32,
+}
+
+/// Everything a run produced.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    /// The policy.
+    pub policy: Policy,
+    /// Every start, in the order they happened.
+    pub starts: Vec<StartRecord>,
+    /// Requests that failed (the 503 of DESIGN.md 1, or a job larger than a pod).
+    pub failed: Vec<usize>,
+    /// Wait from request to start of each started request, in milliseconds, sorted.
+    pub waits: Vec<Millis>,
+    /// Every pod that existed.
+    pub pods: Vec<PodRecord>,
+    /// The timeline.
+    pub timeline: Vec<Sample>,
+    /// Pod-hours are counted up to here: the trace's horizon, or later when requests were
+    /// still waiting or recording then.
+    pub horizon: Millis,
+}
+
+impl Outcome {
+    /// Pod-hours within the horizon.
+    pub fn pod_hours(&self) -> f64 {
+        let millis: u64 = self
+            .pods
+            .iter()
+            .map(|pod| {
+                let end = pod.gone.unwrap_or(self.horizon).min(self.horizon);
+                end.saturating_sub(pod.created)
+            })
+            .sum();
+        millis as f64 / 3_600_000.0
+    }
+
+    /// Most pods existing at once.
+    pub fn peak_pods(&self) -> u32 {
+        let mut edges: Vec<(Millis, i32)> = Vec::new();
+        for pod in &self.pods {
+            edges.push((pod.created, 1));
+            if let Some(gone) = pod.gone {
+                edges.push((gone, -1));
+            }
+        }
+        // Departures before arrivals at the same instant.
+        edges.sort();
+        let mut now = 0i32;
+        let mut peak = 0i32;
+        for (_, change) in edges {
+            now += change;
+            peak = peak.max(now);
+        }
+        peak as u32
+    }
+
+    /// The wait at percentile `p` (nearest rank), seconds; 0 without starts.
+    pub fn wait_percentile(&self, p: f64) -> f64 {
+        if self.waits.is_empty() {
+            return 0.0;
+        }
+        let rank = ((p / 100.0) * self.waits.len() as f64).ceil().max(1.0) as usize;
+        self.waits[rank.min(self.waits.len()) - 1] as f64 / 1000.0
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Event {
+    // Simultaneous events run in this order: capacity changes before new requests, requests
+    // before the periodic loops look at them.
+    JobEnd { pod: usize, request: usize },
+    PodReady(usize),
+    Arrival(usize),
+    StartDeadline(usize),
+    FleetRefresh,
+    MetricsScrape,
+    KedaPoll,
+    HpaSync,
+    Sample,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Life {
+    Starting,
+    Ready,
+    Draining,
+    Gone,
+}
+
+#[derive(Debug, Clone)]
+struct SimPod {
+    life: Life,
+    record: PodRecord,
+    /// Running jobs by kind.
+    jobs: [u64; 7],
+}
+
+impl SimPod {
+    fn job_count(&self) -> u64 {
+        self.jobs.iter().sum()
+    }
+
+    fn used(&self, settings: &Settings) -> u64 {
+        EgressKind::ALL
+            .iter()
+            .zip(self.jobs)
+            .map(|(kind, count)| settings.costs.cost(*kind) * count)
+            .sum()
+    }
+
+    fn load(&self, settings: &Settings) -> PodLoad {
+        PodLoad {
+            ready: self.life == Life::Ready,
+            jobs: self.job_count(),
+            used: self.used(settings),
+            video_ok: true,
+        }
+    }
+
+    fn model_pod(&self, index: usize) -> Option<Pod> {
+        let state = match self.life {
+            Life::Starting => PodState::Starting,
+            Life::Ready => PodState::Ready,
+            Life::Draining => PodState::Terminating,
+            Life::Gone => return None,
+        };
+        let mut pod = Pod::new(format!("egress-{index}"), state);
+        for (kind, count) in EgressKind::ALL.iter().zip(self.jobs) {
+            if count > 0 {
+                pod = pod.with_active(reported_type(*kind), count);
+            }
+        }
+        Some(pod)
+    }
+}
+
+/// What the HPA-based policies read from the last Prometheus or metrics-server scrape.
+#[derive(Debug, Clone, Copy, Default)]
+struct Scraped {
+    /// Pods reporting `livekit_egress_available 0` (running egress, or draining).
+    unavailable: u32,
+    /// CPU utilization summed over ready pods.
+    utilization: f64,
+    ready: u32,
+    unready: u32,
+}
+
+struct Sim<'a> {
+    trace: &'a Trace,
+    options: &'a SimOptions,
+    policy: Policy,
+    settings: Settings,
+    events: BinaryHeap<Reverse<(Millis, Event, u64)>>,
+    seq: u64,
+    pods: Vec<SimPod>,
+    replicas: u32,
+    queue: VecDeque<usize>,
+    /// Start calls waiting inside livekit-server for a pod, in arrival order.
+    calling: Vec<usize>,
+    /// The dispatcher's start call in flight (queued policies make one at a time).
+    in_flight: Option<usize>,
+    /// The dispatcher's view of the ready pods: the last fleet refresh plus its own starts.
+    view: Vec<(usize, PodLoad)>,
+    fleet: FleetSnapshot,
+    scraped: Scraped,
+    hpa: Hpa,
+    keda: KedaState,
+    starts: Vec<StartRecord>,
+    failed: Vec<usize>,
+    waits: Vec<Millis>,
+    timeline: Vec<Sample>,
+    running: u32,
+    end: Millis,
+}
+
+/// A request still waiting this long after the horizon counts as never started.
+const GIVE_UP_AFTER: Millis = 24 * 3_600_000;
+
+/// Runs `policy` on `trace` and returns what happened.
+pub fn run(trace: &Trace, policy: Policy, options: &SimOptions) -> Outcome {
+    if policy == Policy::Oracle {
+        return oracle(trace, options);
+    }
+    let mut sim = Sim {
+        trace,
+        options,
+        policy,
+        settings: options.settings.clone(),
+        events: BinaryHeap::new(),
+        seq: 0,
+        pods: Vec::new(),
+        replicas: 0,
+        queue: VecDeque::new(),
+        calling: Vec::new(),
+        in_flight: None,
+        view: Vec::new(),
+        fleet: FleetSnapshot::default(),
+        scraped: Scraped::default(),
+        hpa: Hpa::default(),
+        keda: KedaState::default(),
+        starts: Vec::new(),
+        failed: Vec::new(),
+        waits: Vec::new(),
+        timeline: Vec::new(),
+        running: 0,
+        end: trace.horizon,
+    };
+    sim.run();
+    let mut waits = sim.waits;
+    waits.sort_unstable();
+    Outcome {
+        policy,
+        starts: sim.starts,
+        failed: sim.failed,
+        waits,
+        pods: sim.pods.iter().map(|pod| pod.record).collect(),
+        timeline: sim.timeline,
+        horizon: sim.end,
+    }
+}
+
+impl Sim<'_> {
+    fn at(&mut self, time: Millis, event: Event) {
+        self.seq += 1;
+        self.events.push(Reverse((time, event, self.seq)));
+    }
+
+    fn keda(&self) -> Option<&Keda> {
+        match self.policy {
+            Policy::HpaCpu | Policy::Oracle => None,
+            Policy::EgressScaler => Some(&self.options.egress_scaler.keda),
+            Policy::KedaPrometheusAvailable | Policy::KedaRedisList => {
+                Some(&self.options.anchor_keda)
+            }
+        }
+    }
+
+    fn behavior(&self) -> &Behavior {
+        match self.policy {
+            Policy::EgressScaler => &self.options.egress_scaler.behavior,
+            _ => &self.options.anchor_behavior,
+        }
+    }
+
+    fn run(&mut self) {
+        for index in 0..self.trace.arrivals.len() {
+            let at = self.trace.arrivals[index].at;
+            self.at(at, Event::Arrival(index));
+        }
+        // The loops of different controllers run out of phase with each other, as they do in
+        // a cluster; in phase, every HPA sync would land on a fleet refresh.
+        self.at(self.options.fleet_refresh * 3 / 10, Event::FleetRefresh);
+        self.at(self.options.metrics_interval * 7 / 10, Event::MetricsScrape);
+        self.at(self.options.hpa_sync / 2, Event::HpaSync);
+        self.at(0, Event::Sample);
+        if let Some(polling) = self.keda().map(|keda| keda.polling) {
+            self.at(polling / 5, Event::KedaPoll);
+        } else {
+            // The Helm chart's HPA keeps at least one pod.
+            self.scale_to(0, 1);
+        }
+        while let Some(Reverse((now, event, _))) = self.events.pop() {
+            if now > self.trace.horizon && self.settled() {
+                self.end = now.max(self.trace.horizon);
+                break;
+            }
+            if now > self.trace.horizon + GIVE_UP_AFTER {
+                self.end = now;
+                break;
+            }
+            self.handle(now, event);
+        }
+        // Whatever still waits at the horizon never started.
+        let mut unstarted: Vec<usize> = self.queue.drain(..).collect();
+        unstarted.extend(self.in_flight.take());
+        unstarted.append(&mut self.calling);
+        unstarted.sort_unstable();
+        self.failed.extend(unstarted);
+    }
+
+    /// Every request started or failed, every recording ended.
+    fn settled(&self) -> bool {
+        self.queue.is_empty() && self.calling.is_empty() && self.running == 0
+    }
+
+    fn handle(&mut self, now: Millis, event: Event) {
+        let horizon = self.trace.horizon;
+        match event {
+            Event::Arrival(request) => self.arrive(now, request),
+            Event::JobEnd { pod, request } => {
+                self.running -= 1;
+                let kind = self.trace.arrivals[request].kind;
+                let sim_pod = &mut self.pods[pod];
+                sim_pod.jobs[kind as usize] -= 1;
+                if sim_pod.life == Life::Draining && sim_pod.job_count() == 0 {
+                    sim_pod.life = Life::Gone;
+                    sim_pod.record.gone = Some(now);
+                }
+                self.place_calls(now);
+            }
+            Event::PodReady(pod) => {
+                if self.pods[pod].life == Life::Starting {
+                    self.pods[pod].life = Life::Ready;
+                    self.place_calls(now);
+                }
+            }
+            Event::StartDeadline(request) => self.start_deadline(now, request),
+            Event::FleetRefresh => {
+                self.refresh_view();
+                if self.policy.queued() {
+                    self.dispatch(now);
+                }
+                if self.keda().is_some_and(|keda| keda.push) {
+                    self.push_activity(now);
+                }
+                self.at(now + self.options.fleet_refresh, Event::FleetRefresh);
+            }
+            Event::MetricsScrape => {
+                self.scrape();
+                self.at(now + self.options.metrics_interval, Event::MetricsScrape);
+            }
+            Event::KedaPoll => {
+                let active = self.is_active();
+                self.keda_check(now, active);
+                let polling = self.keda().map_or(horizon, |keda| keda.polling);
+                self.at(now + polling, Event::KedaPoll);
+            }
+            Event::HpaSync => {
+                self.hpa_sync(now);
+                self.at(now + self.options.hpa_sync, Event::HpaSync);
+            }
+            Event::Sample => {
+                self.sample(now);
+                self.at(now + self.options.sample_every, Event::Sample);
+            }
+        }
+    }
+
+    fn arrive(&mut self, now: Millis, request: usize) {
+        let kind = self.trace.arrivals[request].kind;
+        if self.settings.costs.cost(kind) > self.settings.pod_cpu {
+            // Larger than a pod: the dispatcher fails it at once; livekit-server after its wait.
+            if self.policy.queued() {
+                self.failed.push(request);
+            } else {
+                self.calling.push(request);
+                let deadline = now + self.options.no_capacity_wait;
+                self.at(deadline, Event::StartDeadline(request));
+            }
+            return;
+        }
+        if self.policy.queued() {
+            self.queue.push_back(request);
+            self.dispatch(now);
+            if self.keda().is_some_and(|keda| keda.push) {
+                self.push_activity(now);
+            }
+        } else {
+            self.call_start(now, request);
+        }
+    }
+
+    /// A start call reaches livekit-server: placed at once, or it waits for a pod until the
+    /// no-capacity deadline.
+    fn call_start(&mut self, now: Millis, request: usize) -> bool {
+        if self.try_place(now, request) {
+            return true;
+        }
+        self.calling.push(request);
+        let deadline = now + self.options.no_capacity_wait;
+        self.at(deadline, Event::StartDeadline(request));
+        false
+    }
+
+    fn try_place(&mut self, now: Millis, request: usize) -> bool {
+        let kind = self.trace.arrivals[request].kind;
+        let loads: Vec<PodLoad> = self
+            .pods
+            .iter()
+            .map(|pod| pod.load(&self.settings))
+            .collect();
+        let Some(pod) = choose_pod(&self.settings, &loads, kind) else {
+            return false;
+        };
+        self.pods[pod].jobs[kind as usize] += 1;
+        self.running += 1;
+        self.starts.push(StartRecord {
+            request,
+            at: now,
+            pod,
+        });
+        let arrival = &self.trace.arrivals[request];
+        self.waits.push(now - arrival.at);
+        let end = now + arrival.duration;
+        self.at(end, Event::JobEnd { pod, request });
+        true
+    }
+
+    /// Capacity changed: start calls waiting inside livekit-server are placed in order.
+    fn place_calls(&mut self, now: Millis) {
+        let waiting = std::mem::take(&mut self.calling);
+        for request in waiting {
+            if !self.try_place(now, request) {
+                self.calling.push(request);
+            } else if self.in_flight == Some(request) {
+                self.in_flight = None;
+            }
+        }
+        if self.policy.queued() && self.in_flight.is_none() {
+            self.dispatch(now);
+        }
+    }
+
+    fn start_deadline(&mut self, now: Millis, request: usize) {
+        let Some(position) = self.calling.iter().position(|&r| r == request) else {
+            return; // started in time
+        };
+        self.calling.remove(position);
+        if self.policy.queued() && self.in_flight == Some(request) {
+            // `unavailable`: the dispatcher puts the ticket back at the head of the queue.
+            self.in_flight = None;
+            self.queue.push_front(request);
+            self.refresh_view();
+            self.dispatch(now);
+        } else {
+            self.failed.push(request);
+        }
+    }
+
+    /// The dispatcher: while nothing is in flight, start the head if the fleet it last saw
+    /// (plus its own starts since) has a pod that admits it. Strict FIFO: a head that fits
+    /// nowhere waits.
+    fn dispatch(&mut self, now: Millis) {
+        while self.in_flight.is_none() {
+            let Some(&head) = self.queue.front() else {
+                return;
+            };
+            let kind = self.trace.arrivals[head].kind;
+            let loads: Vec<PodLoad> = self.view.iter().map(|(_, load)| load.clone()).collect();
+            let Some(chosen) = choose_pod(&self.settings, &loads, kind) else {
+                return;
+            };
+            self.view[chosen].1.add(&self.settings, kind);
+            self.queue.pop_front();
+            if !self.call_start(now, head) {
+                self.in_flight = Some(head);
+            }
+        }
+    }
+
+    fn refresh_view(&mut self) {
+        self.view = self
+            .pods
+            .iter()
+            .enumerate()
+            .filter(|(_, pod)| pod.life == Life::Ready)
+            .map(|(index, pod)| (index, pod.load(&self.settings)))
+            .collect();
+        self.fleet = FleetSnapshot {
+            pods: self
+                .pods
+                .iter()
+                .enumerate()
+                .filter_map(|(index, pod)| pod.model_pod(index))
+                .collect(),
+        };
+    }
+
+    fn scrape(&mut self) {
+        let mut scraped = Scraped::default();
+        for pod in &self.pods {
+            match pod.life {
+                Life::Ready | Life::Draining => {
+                    if pod.job_count() > 0 {
+                        scraped.unavailable += 1;
+                    } else if pod.life == Life::Draining {
+                        scraped.unavailable += 1;
+                    }
+                    if pod.life == Life::Ready {
+                        scraped.ready += 1;
+                        scraped.utilization +=
+                            pod.used(&self.settings) as f64 / self.settings.pod_cpu as f64;
+                    }
+                }
+                Life::Starting => scraped.unready += 1,
+                Life::Gone => {}
+            }
+        }
+        self.scraped = scraped;
+    }
+
+    /// The demand the egress-scaler model sees: queued tickets and the one being dispatched.
+    fn demand(&self) -> Demand {
+        let mut demand = Demand::default();
+        for &request in self.queue.iter().chain(self.in_flight.iter()) {
+            demand.add(self.trace.arrivals[request].kind, 1);
+        }
+        demand
+    }
+
+    fn egress_scaler_desired(&self) -> u32 {
+        decide(&self.settings, &self.demand(), &self.fleet).desired
+    }
+
+    /// The trigger's activity as KEDA would read it.
+    fn is_active(&self) -> bool {
+        match self.policy {
+            Policy::EgressScaler => self.egress_scaler_desired() > 0,
+            Policy::KedaRedisList => !self.queue.is_empty(),
+            Policy::KedaPrometheusAvailable => {
+                self.scraped.unavailable + self.options.available_target > 0
+            }
+            Policy::HpaCpu | Policy::Oracle => true,
+        }
+    }
+
+    /// StreamIsActive: a queue or fleet change that makes the trigger active scales from zero
+    /// at once.
+    fn push_activity(&mut self, now: Millis) {
+        if self.replicas == 0 && self.is_active() {
+            self.keda_check(now, true);
+        }
+    }
+
+    fn keda_check(&mut self, now: Millis, active: bool) {
+        let Some(keda) = self.keda().cloned() else {
+            return;
+        };
+        match self.keda.check(&keda, now, self.replicas, active) {
+            KedaAction::Nothing => {}
+            KedaAction::Activate => {
+                self.scale_to(now, 1);
+                self.hpa_sync_marker(now);
+            }
+            KedaAction::Deactivate => self.scale_to(now, 0),
+        }
+    }
+
+    /// Scaling from zero recreates the HPA's view; its history starts again.
+    fn hpa_sync_marker(&mut self, _now: Millis) {
+        self.hpa = Hpa::default();
+    }
+
+    fn hpa_sync(&mut self, now: Millis) {
+        let hpa_min = 1u32.max(self.settings.min_replicas);
+        if self.replicas == 0 {
+            return; // KEDA owns 0 <-> 1; the HPA does not act on a target at zero.
+        }
+        let reading = match self.policy {
+            Policy::EgressScaler => MetricReading::AverageValue {
+                value: f64::from(self.egress_scaler_desired()),
+                target: 1.0,
+            },
+            Policy::KedaRedisList => MetricReading::AverageValue {
+                value: self.queue.len() as f64,
+                target: 1.0,
+            },
+            Policy::KedaPrometheusAvailable => MetricReading::AverageValue {
+                value: f64::from(self.scraped.unavailable + self.options.available_target),
+                target: 1.0,
+            },
+            Policy::HpaCpu => MetricReading::Utilization {
+                ready_total: self.scraped.utilization,
+                ready: self.scraped.ready,
+                unready: self.scraped.unready,
+                target: self.options.cpu_target,
+            },
+            Policy::Oracle => return,
+        };
+        let behavior = self.behavior().clone();
+        let recommended = recommend(self.replicas, reading, &behavior);
+        let next = self.hpa.sync(
+            now,
+            self.replicas,
+            recommended,
+            &behavior,
+            hpa_min,
+            self.settings.max_replicas.max(hpa_min),
+        );
+        if next != self.replicas {
+            self.scale_to(now, next);
+        }
+    }
+
+    /// Sets the Deployment's replica count: new pods start their cold start; removed pods are
+    /// chosen as a ReplicaSet chooses them and drain their recordings.
+    fn scale_to(&mut self, now: Millis, replicas: u32) {
+        self.replicas = replicas;
+        let live: Vec<usize> = (0..self.pods.len())
+            .filter(|&index| matches!(self.pods[index].life, Life::Starting | Life::Ready))
+            .collect();
+        let wanted = replicas as usize;
+        if live.len() < wanted {
+            for _ in live.len()..wanted {
+                let index = self.pods.len();
+                let ready_at = now + self.options.cold_start;
+                self.pods.push(SimPod {
+                    life: Life::Starting,
+                    record: PodRecord {
+                        created: now,
+                        ready_at,
+                        terminated: None,
+                        gone: None,
+                    },
+                    jobs: [0; 7],
+                });
+                self.at(ready_at, Event::PodReady(index));
+            }
+        } else if live.len() > wanted {
+            let ages: Vec<PodAge> = live
+                .iter()
+                .map(|&index| PodAge {
+                    starting: self.pods[index].life == Life::Starting,
+                    created: self.pods[index].record.created,
+                })
+                .collect();
+            for position in deletion_order(&ages, live.len() - wanted) {
+                let pod = &mut self.pods[live[position]];
+                pod.record.terminated = Some(now);
+                if pod.job_count() == 0 {
+                    pod.life = Life::Gone;
+                    pod.record.gone = Some(now);
+                } else {
+                    pod.life = Life::Draining;
+                }
+            }
+            self.view
+                .retain(|(index, _)| self.pods[*index].life == Life::Ready);
+        }
+    }
+
+    fn sample(&mut self, now: Millis) {
+        // The dispatcher's call in flight is one of the calls waiting inside livekit-server.
+        let waiting = (self.queue.len() + self.calling.len()) as u32;
+        let pods = self
+            .pods
+            .iter()
+            .filter(|pod| pod.life != Life::Gone)
+            .count() as u32;
+        self.timeline.push(Sample {
+            at: now,
+            demand: self.running + waiting,
+            pods,
+            replicas: self.replicas,
+            waiting,
+        });
+    }
+}
+
+/// The lower bound: every pod appears warm at the instant a job needs it and goes the instant
+/// its last job ends; livekit-server places jobs as it always does.
+fn oracle(trace: &Trace, options: &SimOptions) -> Outcome {
+    let settings = &options.settings;
+    let mut pods: Vec<SimPod> = Vec::new();
+    let mut ends: BinaryHeap<Reverse<(Millis, usize, usize)>> = BinaryHeap::new();
+    let mut starts = Vec::new();
+    let mut failed = Vec::new();
+    let mut running = 0u32;
+    let end_until = |until: Millis,
+                     pods: &mut Vec<SimPod>,
+                     ends: &mut BinaryHeap<Reverse<(Millis, usize, usize)>>,
+                     running: &mut u32| {
+        while let Some(&Reverse((at, pod, request))) = ends.peek() {
+            if at > until {
+                break;
+            }
+            ends.pop();
+            let kind = trace.arrivals[request].kind;
+            pods[pod].jobs[kind as usize] -= 1;
+            *running -= 1;
+            if pods[pod].job_count() == 0 {
+                pods[pod].life = Life::Gone;
+                pods[pod].record.gone = Some(at);
+            }
+        }
+    };
+    for (request, arrival) in trace.arrivals.iter().enumerate() {
+        end_until(arrival.at, &mut pods, &mut ends, &mut running);
+        if settings.costs.cost(arrival.kind) > settings.pod_cpu {
+            failed.push(request);
+            continue;
+        }
+        let loads: Vec<PodLoad> = pods.iter().map(|pod| pod.load(settings)).collect();
+        let pod = choose_pod(settings, &loads, arrival.kind).unwrap_or_else(|| {
+            pods.push(SimPod {
+                life: Life::Ready,
+                record: PodRecord {
+                    created: arrival.at,
+                    ready_at: arrival.at,
+                    terminated: None,
+                    gone: None,
+                },
+                jobs: [0; 7],
+            });
+            pods.len() - 1
+        });
+        pods[pod].jobs[arrival.kind as usize] += 1;
+        running += 1;
+        starts.push(StartRecord {
+            request,
+            at: arrival.at,
+            pod,
+        });
+        ends.push(Reverse((arrival.at + arrival.duration, pod, request)));
+    }
+    end_until(Millis::MAX, &mut pods, &mut ends, &mut running);
+    let records: Vec<PodRecord> = pods.iter().map(|pod| pod.record).collect();
+    let timeline = (0..=trace.horizon)
+        .step_by(options.sample_every.max(1) as usize)
+        .map(|at| {
+            let demand = starts
+                .iter()
+                .filter(|start: &&StartRecord| {
+                    start.at <= at && at < start.at + trace.arrivals[start.request].duration
+                })
+                .count() as u32;
+            let live = records
+                .iter()
+                .filter(|pod| pod.created <= at && pod.gone.is_none_or(|gone| at < gone))
+                .count() as u32;
+            Sample {
+                at,
+                demand,
+                pods: live,
+                replicas: live,
+                waiting: 0,
+            }
+        })
+        .collect();
+    let waits = vec![0; starts.len()];
+    Outcome {
+        policy: Policy::Oracle,
+        starts,
+        failed,
+        waits,
+        pods: records,
+        timeline,
+        horizon: trace.horizon,
+    }
+}
