@@ -527,9 +527,8 @@ impl Sim<'_> {
         for pod in &self.pods {
             match pod.life {
                 Life::Ready | Life::Draining => {
-                    if pod.job_count() > 0 {
-                        scraped.unavailable += 1;
-                    } else if pod.life == Life::Draining {
+                    // `livekit_egress_available` is 0 while recording and while draining.
+                    if pod.job_count() > 0 || pod.life == Life::Draining {
                         scraped.unavailable += 1;
                     }
                     if pod.life == Life::Ready {
@@ -792,5 +791,216 @@ fn oracle(trace: &Trace, options: &SimOptions) -> Outcome {
         pods: records,
         timeline,
         horizon: trace.horizon,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::simulate::trace::{Arrival, BuiltIn};
+
+    const MINUTE: Millis = 60_000;
+
+    fn trace(arrivals: &[(Millis, EgressKind, Millis)]) -> Trace {
+        let arrivals = arrivals
+            .iter()
+            .enumerate()
+            .map(|(index, &(at, kind, duration))| Arrival {
+                at,
+                kind,
+                duration,
+                room: format!("room-{index:03}"),
+            })
+            .collect();
+        Trace::new("test", arrivals, 0)
+    }
+
+    /// The invariants every run must keep, checked from the outside on its records.
+    fn check_invariants(trace: &Trace, outcome: &Outcome, options: &SimOptions) {
+        let policy = outcome.policy;
+        let settings = &options.settings;
+        let mut seen = vec![0u8; trace.arrivals.len()];
+        for start in &outcome.starts {
+            seen[start.request] += 1;
+        }
+        for &failed in &outcome.failed {
+            seen[failed] += 1;
+        }
+        assert!(
+            seen.iter().all(|&count| count == 1),
+            "{policy}: every request is started or failed, exactly once"
+        );
+
+        // Per pod: starts and ends in time order (ends first at the same instant).
+        let mut per_pod: Vec<Vec<(Millis, bool, EgressKind)>> =
+            vec![Vec::new(); outcome.pods.len()];
+        for start in &outcome.starts {
+            let arrival = &trace.arrivals[start.request];
+            let pod = outcome.pods[start.pod];
+            assert!(
+                start.at >= arrival.at,
+                "{policy}: started before it was asked"
+            );
+            assert!(
+                pod.ready_at <= start.at,
+                "{policy}: started before its pod was ready"
+            );
+            assert!(
+                pod.terminated
+                    .is_none_or(|terminated| start.at < terminated),
+                "{policy}: started on a draining pod"
+            );
+            let end = start.at + arrival.duration;
+            assert!(
+                pod.gone.is_none_or(|gone| end <= gone),
+                "{policy}: a pod went away under a recording"
+            );
+            per_pod[start.pod].push((start.at, true, arrival.kind));
+            per_pod[start.pod].push((end, false, arrival.kind));
+        }
+        for events in &mut per_pod {
+            events.sort_by_key(|&(at, is_start, _)| (at, is_start));
+            let mut load = PodLoad {
+                ready: true,
+                jobs: 0,
+                used: 0,
+                video_ok: true,
+            };
+            for &(_, is_start, kind) in events.iter() {
+                if is_start {
+                    assert!(
+                        load.admits(settings, kind),
+                        "{policy}: admission rule broken"
+                    );
+                    load.add(settings, kind);
+                } else {
+                    load.jobs -= 1;
+                    load.used -= settings.costs.cost(kind);
+                }
+            }
+        }
+        if policy.queued() {
+            let order: Vec<usize> = outcome.starts.iter().map(|start| start.request).collect();
+            assert!(
+                order.windows(2).all(|pair| pair[0] < pair[1]),
+                "{policy}: starts out of FIFO order"
+            );
+        }
+        if policy == Policy::Oracle {
+            assert!(outcome.waits.iter().all(|&wait| wait == 0));
+        }
+    }
+
+    #[test]
+    fn every_policy_keeps_the_invariants_on_every_built_in_trace() {
+        for built_in in BuiltIn::ALL {
+            let trace = built_in.generate(5);
+            for warm_pool in [0, 1] {
+                let mut options = SimOptions::default();
+                options.settings.warm_pool = warm_pool;
+                for policy in Policy::ALL {
+                    let outcome = run(&trace, policy, &options);
+                    check_invariants(&trace, &outcome, &options);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn queued_policies_start_everything_and_beat_no_queue_on_failures() {
+        let trace = BuiltIn::Burst.generate(2);
+        let options = SimOptions::default();
+        let ours = run(&trace, Policy::EgressScaler, &options);
+        assert_eq!(ours.starts.len(), 100);
+        assert!(ours.failed.is_empty());
+        let helm = run(&trace, Policy::HpaCpu, &options);
+        assert!(
+            helm.failed.len() > 50,
+            "a burst on one pod without a queue fails"
+        );
+        let oracle = run(&trace, Policy::Oracle, &options);
+        assert!(ours.pod_hours() >= oracle.pod_hours() * 0.99);
+    }
+
+    #[test]
+    fn the_first_recording_waits_one_cold_start() {
+        // Push activation at 60 s creates the pod; it is ready at 90 s; the dispatcher sees
+        // it at its next fleet refresh (every 2 s from 0.6 s): 90.6 s.
+        let trace = trace(&[(60_000, EgressKind::RoomComposite, 10 * MINUTE)]);
+        let options = SimOptions::default();
+        let outcome = run(&trace, Policy::EgressScaler, &options);
+        assert_eq!(outcome.starts.len(), 1);
+        assert_eq!(outcome.starts[0].at, 90_600);
+        assert_eq!(outcome.pods.len(), 1);
+        assert_eq!(outcome.pods[0].created, 60_000);
+        // The recording ends at 690.6 s. KEDA polls every 15 s from 3 s: the last poll that saw
+        // the trigger active was at 678 s, and the first poll 120 s after that, at 798 s,
+        // scales to zero.
+        assert_eq!(options.egress_scaler.keda.cooldown, 120_000);
+        assert_eq!(outcome.pods[0].gone, Some(798_000));
+    }
+
+    #[test]
+    fn a_busy_pod_packs_six_tracks_and_the_seventh_opens_a_pod() {
+        // 4 cores at 0.8: an idle pod takes the first 0.5-core track, a busy one takes more
+        // while 3.2 - used >= 0.5: six in all; the seventh needs a second pod.
+        let arrivals: Vec<(Millis, EgressKind, Millis)> = (0..7)
+            .map(|i| (1_000 + i, EgressKind::Track, 10 * MINUTE))
+            .collect();
+        let trace = trace(&arrivals);
+        let options = SimOptions::default();
+        let oracle = run(&trace, Policy::Oracle, &options);
+        assert_eq!(oracle.pods.len(), 2);
+        let on_first = oracle.starts.iter().filter(|start| start.pod == 0).count();
+        assert_eq!(on_first, 6);
+        // Room composites cost the whole pod: one each.
+        let trace = super::tests::trace(&[
+            (0, EgressKind::RoomComposite, MINUTE),
+            (1, EgressKind::RoomComposite, MINUTE),
+        ]);
+        assert_eq!(run(&trace, Policy::Oracle, &options).pods.len(), 2);
+    }
+
+    #[test]
+    fn without_a_queue_a_start_fails_after_the_no_capacity_wait() {
+        // hpa-cpu's one pod is created at 0 and ready at 30 s. Starts at 1 s wait 20 s for a
+        // pod and fail at 21 s; a start at 40 s finds the pod.
+        let trace = trace(&[
+            (1_000, EgressKind::RoomComposite, MINUTE),
+            (1_000, EgressKind::RoomComposite, MINUTE),
+            (40_000, EgressKind::RoomComposite, MINUTE),
+        ]);
+        let options = SimOptions::default();
+        let outcome = run(&trace, Policy::HpaCpu, &options);
+        assert_eq!(outcome.failed, vec![0, 1]);
+        assert_eq!(outcome.starts.len(), 1);
+        assert_eq!(outcome.starts[0].at, 40_000);
+    }
+
+    #[test]
+    fn a_pod_removed_while_recording_drains_and_takes_nothing_new() {
+        // keda-redis-list scales on the queue length only: once both recordings started the
+        // metric is 0, and after the stabilization window and KEDA's cooldown both pods are
+        // removed while they record. They drain: each goes when its recording ends, and the
+        // request at 20 min gets a new pod.
+        let trace = trace(&[
+            (0, EgressKind::RoomComposite, 30 * MINUTE),
+            (0, EgressKind::RoomComposite, 40 * MINUTE),
+            (20 * MINUTE, EgressKind::RoomComposite, 5 * MINUTE),
+        ]);
+        let options = SimOptions::default();
+        let outcome = run(&trace, Policy::KedaRedisList, &options);
+        check_invariants(&trace, &outcome, &options);
+        assert_eq!(outcome.starts.len(), 3);
+        let first_pods: Vec<usize> = outcome.starts[..2].iter().map(|s| s.pod).collect();
+        for &pod in &first_pods {
+            let record = outcome.pods[pod];
+            let terminated = record.terminated.expect("removed while recording");
+            let start = outcome.starts.iter().find(|s| s.pod == pod).unwrap();
+            let end = start.at + trace.arrivals[start.request].duration;
+            assert!(terminated < end, "removed before its recording ended");
+            assert_eq!(record.gone, Some(end), "gone when the recording ended");
+        }
+        assert!(!first_pods.contains(&outcome.starts[2].pod));
     }
 }

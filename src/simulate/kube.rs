@@ -368,17 +368,19 @@ mod tests {
     }
 
     #[test]
-    fn default_tolerance_ignores_the_eleventh_pod() {
-        // 11 / (1 * 10) = 1.1: within 10 %, the HPA keeps 10 (DESIGN.md 2.4).
+    fn default_tolerance_holds_back_small_steps() {
+        // 21 / (1 * 20) = 1.05: within 10 %, the HPA keeps 20 (DESIGN.md 2.4).
         let behavior = Behavior::default();
-        assert_eq!(recommend(10, average(11.0), &behavior), 10);
-        assert_eq!(recommend(10, average(12.0), &behavior), 12);
-        // 9 / 10 = 0.9: within 10 % on the way down too.
-        assert_eq!(recommend(10, average(9.0), &behavior), 10);
+        assert_eq!(recommend(20, average(21.0), &behavior), 20);
+        assert_eq!(recommend(20, average(23.0), &behavior), 23);
+        // 19 / 20 = 0.95: within 10 % on the way down too.
+        assert_eq!(recommend(20, average(19.0), &behavior), 20);
+        // The comparison is in floating point, as the HPA's: |1 - 11/10| is a hair above 0.1.
+        assert_eq!(recommend(10, average(11.0), &behavior), 11);
         let mut exact = Behavior::default();
         exact.scale_up.tolerance = 0.0;
-        assert_eq!(recommend(10, average(11.0), &exact), 11);
-        assert_eq!(recommend(10, average(9.0), &exact), 10);
+        assert_eq!(recommend(20, average(21.0), &exact), 21);
+        assert_eq!(recommend(20, average(19.0), &exact), 20);
     }
 
     #[test]
@@ -458,15 +460,17 @@ mod tests {
 
     #[test]
     fn pods_policy_limits_the_scale_down_rate() {
-        let mut behavior = Behavior::default();
-        behavior.scale_down = ScalingRules {
-            stabilization: 0,
-            tolerance: 0.1,
-            select: Select::Min,
-            policies: vec![RatePolicy::Pods {
-                value: 1,
-                period: 120_000,
-            }],
+        let behavior = Behavior {
+            scale_down: ScalingRules {
+                stabilization: 0,
+                tolerance: 0.1,
+                select: Select::Min,
+                policies: vec![RatePolicy::Pods {
+                    value: 1,
+                    period: 120_000,
+                }],
+            },
+            ..Behavior::default()
         };
         let mut hpa = Hpa::default();
         assert_eq!(hpa.sync(0, 5, 0, &behavior, 1, 100), 4);

@@ -104,7 +104,7 @@ impl ScaledObjectSettings {
         ScaledObjectSettings {
             keda: Keda {
                 polling: 15_000,
-                cooldown: 300_000,
+                cooldown: 120_000,
                 push: true,
             },
             behavior: Behavior {
@@ -118,7 +118,7 @@ impl ScaledObjectSettings {
                     }],
                 },
                 scale_down: ScalingRules {
-                    stabilization: 300_000,
+                    stabilization: 120_000,
                     tolerance: 0.1,
                     select: Select::Max,
                     policies: vec![RatePolicy::Percent {

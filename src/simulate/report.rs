@@ -223,6 +223,9 @@ pub fn timeline_csv(outcomes: &[Outcome]) -> String {
     out
 }
 
+/// Reads one series of the picture from a sample.
+type SampleValue = fn(&super::engine::Sample) -> u32;
+
 const WIDTH: f64 = 960.0;
 const PANEL: f64 = 170.0;
 const LEFT: f64 = 60.0;
@@ -316,7 +319,7 @@ pub fn svg(title: &str, outcomes: &[Outcome]) -> String {
             );
             tick += tick_hours;
         }
-        let series: [(&str, fn(&super::engine::Sample) -> u32); 3] = [
+        let series: [(&str, SampleValue); 3] = [
             ("#1f77b4", |s| s.demand),
             ("#ff7f0e", |s| s.pods),
             ("#d62728", |s| s.waiting),

@@ -202,7 +202,7 @@ fn seconds(text: &str) -> Result<Millis, String> {
     let value: f64 = text
         .parse()
         .map_err(|_| format!("{text:?} is not a number of seconds"))?;
-    if !value.is_finite() || value < 0.0 || value > 1e9 {
+    if !(0.0..=1e9).contains(&value) {
         return Err(format!("{text:?} is not a number of seconds from 0"));
     }
     Ok((value * 1000.0).round() as Millis)

@@ -1,0 +1,147 @@
+//! `egress-scaler simulate` as an operator runs it: the table on the terminal, the files of
+//! `--out`, the sweep's answer, CSV traces, and clear errors for bad flags.
+
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+fn simulate(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_egress-scaler"))
+        .arg("simulate")
+        .args(args)
+        .output()
+        .expect("run egress-scaler simulate")
+}
+
+fn stdout(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+fn temp_dir(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("egress-scaler-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+#[test]
+fn every_policy_gets_a_row_and_the_files_are_written() {
+    let dir = temp_dir("simulate-out");
+    let output = simulate(&[
+        "--trace",
+        "burst",
+        "--out",
+        dir.to_str().unwrap(),
+        "--sweep",
+        "warm-pool=0..1",
+        "--p99-under",
+        "60",
+    ]);
+    let text = stdout(&output);
+    assert!(output.status.success(), "{text}{}", stderr(&output));
+    for policy in [
+        "egress-scaler",
+        "hpa-cpu",
+        "keda-prometheus-available",
+        "keda-redis-list",
+        "oracle",
+    ] {
+        assert!(
+            text.lines().any(|line| line.starts_with(policy)),
+            "{policy} row missing:\n{text}"
+        );
+    }
+    assert!(
+        text.contains("cheapest setting with p99 wait under 60 s"),
+        "{text}"
+    );
+
+    let json: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("burst.json")).unwrap()).unwrap();
+    let policies = json["policies"].as_array().unwrap();
+    assert_eq!(policies.len(), 5);
+    assert_eq!(json["sweep"].as_array().unwrap().len(), 2);
+    assert_eq!(json["requests"], 100);
+    let ours = &policies[0];
+    assert_eq!(ours["policy"], "egress-scaler");
+    assert_eq!(ours["starts"], 100);
+    assert_eq!(ours["failed"], 0);
+
+    let csv = std::fs::read_to_string(dir.join("burst.csv")).unwrap();
+    assert_eq!(csv.lines().count(), 1 + 5 + 2);
+    assert!(csv.starts_with("trace,policy,warm_pool,"));
+    let timeline = std::fs::read_to_string(dir.join("burst-timeline.csv")).unwrap();
+    assert!(timeline.starts_with("policy,seconds,demand,pods,replicas,waiting\n"));
+    assert!(timeline.lines().count() > 5 * 100);
+    let svg = std::fs::read_to_string(dir.join("burst.svg")).unwrap();
+    assert!(svg.starts_with("<svg "), "{}", &svg[..80]);
+    assert!(svg.trim_end().ends_with("</svg>"));
+    assert_eq!(svg.matches("<polyline").count(), 5 * 3);
+    assert!(dir.join("summary.csv").is_file());
+    assert!(dir.join("burst-trace.csv").is_file());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn a_csv_trace_is_played_and_a_bad_line_is_named() {
+    let dir = temp_dir("simulate-csv");
+    std::fs::create_dir_all(&dir).unwrap();
+    let good = dir.join("rooms.csv");
+    std::fs::write(
+        &good,
+        "arrival_seconds,kind,duration_seconds,room\n0,room_composite,600,a\n5,track,300,b\n5,audio_room_composite,900,c\n",
+    )
+    .unwrap();
+    let output = simulate(&[
+        "--trace",
+        good.to_str().unwrap(),
+        "--policy",
+        "egress-scaler,oracle",
+    ]);
+    let text = stdout(&output);
+    assert!(output.status.success(), "{text}{}", stderr(&output));
+    assert!(text.contains("trace rooms: 3 requests"), "{text}");
+    assert!(
+        !text.contains("hpa-cpu"),
+        "only the policies asked for:\n{text}"
+    );
+
+    let bad = dir.join("bad.csv");
+    std::fs::write(&bad, "0,room_composite,600,a\n7,video,60,b\n").unwrap();
+    let output = simulate(&["--trace", bad.to_str().unwrap()]);
+    assert!(!output.status.success());
+    let error = stderr(&output);
+    assert!(
+        error.contains("line 2: unknown egress kind \"video\""),
+        "{error}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn bad_flags_exit_2_naming_the_setting() {
+    for (args, expected) in [
+        (vec!["--trace", "weekend"], "invalid setting --trace"),
+        (vec!["--policy", "hpa-memory"], "invalid setting --policy"),
+        (vec!["--sweep", "warm-pool=3..1"], "invalid setting --sweep"),
+        (
+            vec!["--sweep", "replicas=1,2"],
+            "unknown setting \"replicas\"",
+        ),
+        (
+            vec!["--p99-under", "5"],
+            "invalid setting --p99-under: needs --sweep",
+        ),
+        (vec!["--cold-start=-1"], "invalid setting --cold-start"),
+        (vec!["--cost", "track=lots"], "invalid setting --cost"),
+        (vec!["--cpu-target", "1.5"], "invalid setting --cpu-target"),
+    ] {
+        let output = simulate(&args);
+        assert_eq!(output.status.code(), Some(2), "{args:?}");
+        let error = stderr(&output);
+        assert!(error.contains(expected), "{args:?}: {error}");
+    }
+}
