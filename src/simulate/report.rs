@@ -81,6 +81,30 @@ pub fn compare_to_oracle(rows: &mut [Row], oracle_pod_hours: f64) {
     }
 }
 
+/// Column titles of the measures every table shows.
+const MEASURES: &str = "starts  failed  wait p50  wait p95  wait p99  pod-hours  x oracle  peak";
+
+/// The measures of one row, aligned under [`MEASURES`].
+fn measures(row: &Row) -> String {
+    format!(
+        "{:>6}  {:>6}  {:>7.1}s  {:>7.1}s  {:>7.1}s  {:>9.2}  {:>8}  {:>4}",
+        row.starts,
+        row.failed,
+        row.wait_p50_seconds,
+        row.wait_p95_seconds,
+        row.wait_p99_seconds,
+        row.pod_hours,
+        row.vs_oracle
+            .map_or_else(|| "-".to_owned(), |ratio| format!("{ratio:.3}")),
+        row.peak_pods,
+    )
+}
+
+/// No failed start and p99 wait under `goal` seconds.
+fn meets(row: &Row, goal: f64) -> bool {
+    row.failed == 0 && row.wait_p99_seconds < goal
+}
+
 /// The terminal table of one trace's policies.
 pub fn table(rows: &[Row]) -> String {
     let mut out = String::new();
@@ -90,76 +114,34 @@ pub fn table(rows: &[Row]) -> String {
         .max()
         .unwrap_or(6)
         .max(6);
-    let _ = writeln!(
-        out,
-        "{:<width$}  {:>6}  {:>6}  {:>8}  {:>8}  {:>8}  {:>9}  {:>8}  {:>4}",
-        "policy",
-        "starts",
-        "failed",
-        "wait p50",
-        "wait p95",
-        "wait p99",
-        "pod-hours",
-        "x oracle",
-        "peak"
-    );
+    let _ = writeln!(out, "{:<width$}  {MEASURES}", "policy");
     for row in rows {
-        let _ = writeln!(
-            out,
-            "{:<width$}  {:>6}  {:>6}  {:>7.1}s  {:>7.1}s  {:>7.1}s  {:>9.2}  {:>8}  {:>4}",
-            row.policy,
-            row.starts,
-            row.failed,
-            row.wait_p50_seconds,
-            row.wait_p95_seconds,
-            row.wait_p99_seconds,
-            row.pod_hours,
-            row.vs_oracle
-                .map_or_else(|| "-".to_owned(), |ratio| format!("{ratio:.3}")),
-            row.peak_pods,
-        );
+        let _ = writeln!(out, "{:<width$}  {}", row.policy, measures(row));
     }
     out
 }
 
-/// The sweep table: one row per setting, marked when its p99 wait is under the goal.
+/// The sweep table: one row per setting, marked when it meets the p99 goal.
 pub fn sweep_table(rows: &[Row], p99_under: Option<f64>) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "{:>9}  {:>10}  {:>10}  {:>6}  {:>8}  {:>8}  {:>8}  {:>9}  {:>8}  {:>4}{}",
-        "warm pool",
-        "cold start",
-        "scale-down",
-        "failed",
-        "wait p50",
-        "wait p95",
-        "wait p99",
-        "pod-hours",
-        "x oracle",
-        "peak",
+        "warm pool  cold start  scale-down  {MEASURES}{}",
         if p99_under.is_some() { "  meets" } else { "" }
     );
     for row in rows {
-        let meets = match p99_under {
-            Some(goal) if row.failed == 0 && row.wait_p99_seconds < goal => "  yes",
+        let verdict = match p99_under {
+            Some(goal) if meets(row, goal) => "  yes",
             Some(_) => "  no",
             None => "",
         };
         let _ = writeln!(
             out,
-            "{:>9}  {:>9.0}s  {:>9.0}s  {:>6}  {:>7.1}s  {:>7.1}s  {:>7.1}s  {:>9.2}  {:>8}  {:>4}{meets}",
+            "{:>9}  {:>9.0}s  {:>9.0}s  {}{verdict}",
             row.warm_pool,
             row.cold_start_seconds,
             row.scale_down_seconds,
-            row.failed,
-            row.wait_p50_seconds,
-            row.wait_p95_seconds,
-            row.wait_p99_seconds,
-            row.pod_hours,
-            row.vs_oracle
-                .map_or_else(|| "-".to_owned(), |ratio| format!("{ratio:.3}")),
-            row.peak_pods,
+            measures(row),
         );
     }
     out
@@ -169,7 +151,7 @@ pub fn sweep_table(rows: &[Row], p99_under: Option<f64>) -> String {
 /// meets it, or `None`.
 pub fn cheapest_meeting(rows: &[Row], p99_under: f64) -> Option<&Row> {
     rows.iter()
-        .filter(|row| row.failed == 0 && row.wait_p99_seconds < p99_under)
+        .filter(|row| meets(row, p99_under))
         .min_by(|a, b| a.pod_hours.total_cmp(&b.pod_hours))
 }
 
