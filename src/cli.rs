@@ -11,12 +11,12 @@ use livekit_api::access_token::{AccessToken, VideoGrants};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Cli, Command, EnqueueArgs, ProcessEnvironment, StatusArgs};
+use crate::config::{ApiCredentials, Cli, Command, EnqueueArgs, ProcessEnvironment, StatusArgs};
 use crate::intake::StatusAnswer;
 
 /// Runs the parsed command line; errors are printed as one line by `main`.
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
-    crate::telemetry::init_logging(cli.log_format);
+    crate::telemetry::init_logging(cli.log_format, "info");
     match cli.command {
         Command::Serve(args) => {
             let config = match args.resolve(&ProcessEnvironment) {
@@ -56,16 +56,24 @@ fn bearer_token() -> anyhow::Result<Option<String>> {
     let (Some(key), Some(secret)) = (key, secret) else {
         return Ok(None);
     };
-    let token = AccessToken::with_api_key(&key, &secret)
-        .with_identity("egress-scaler-cli")
+    let token = access_token(&ApiCredentials { key, secret }, "egress-scaler-cli")
+        .context("cannot sign an access token with LIVEKIT_API_KEY/LIVEKIT_API_SECRET")?;
+    Ok(Some(token))
+}
+
+/// A token for the HTTP API: five minutes of `video.roomRecord`, signed with `credentials`.
+pub fn access_token(
+    credentials: &ApiCredentials,
+    identity: &str,
+) -> Result<String, livekit_api::access_token::AccessTokenError> {
+    AccessToken::with_api_key(&credentials.key, &credentials.secret)
+        .with_identity(identity)
         .with_ttl(Duration::from_secs(300))
         .with_grants(VideoGrants {
             room_record: true,
             ..VideoGrants::default()
         })
         .to_jwt()
-        .context("cannot sign an access token with LIVEKIT_API_KEY/LIVEKIT_API_SECRET")?;
-    Ok(Some(token))
 }
 
 fn authorized(builder: reqwest::RequestBuilder) -> anyhow::Result<reqwest::RequestBuilder> {

@@ -275,7 +275,13 @@ pub struct ServeConfig {
     pub auto_record: Option<AutoRecord>,
     /// This process's name in the dispatcher lease (`HOSTNAME`, the pod name in Kubernetes).
     pub holder_name: String,
+    /// How far a Prometheus fleet source lags behind the pods (a scrape interval): the
+    /// dispatcher counts its own starts that long.
+    pub prometheus_lag: Duration,
 }
+
+/// How far a Prometheus server's view of the egress pods lags: one scrape interval, at most.
+pub const DEFAULT_PROMETHEUS_LAG: Duration = Duration::from_secs(30);
 
 /// A setting has a value that cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -518,6 +524,7 @@ impl ServeArgs {
             not_found_retry,
             auto_record,
             holder_name,
+            prometheus_lag: DEFAULT_PROMETHEUS_LAG,
         })
     }
 }
