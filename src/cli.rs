@@ -1,5 +1,6 @@
 //! The subcommands: `serve` runs the server; `enqueue` and `status` are clients of its HTTP
-//! API (they authenticate with a token minted from `LIVEKIT_API_KEY`/`LIVEKIT_API_SECRET`).
+//! API (they authenticate with a token minted from `LIVEKIT_API_KEY`/`LIVEKIT_API_SECRET`);
+//! `demo` plays a burst of recordings on this machine ([`crate::demo`]).
 
 use std::fmt::Write as _;
 use std::io::Read;
@@ -16,7 +17,12 @@ use crate::intake::StatusAnswer;
 
 /// Runs the parsed command line; errors are printed as one line by `main`.
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
-    crate::telemetry::init_logging(cli.log_format, "info");
+    // The demo draws its own view on the terminal: only warnings and errors join it.
+    let default_level = match cli.command {
+        Command::Demo(_) => "warn",
+        _ => "info",
+    };
+    crate::telemetry::init_logging(cli.log_format, default_level);
     match cli.command {
         Command::Serve(args) => {
             let config = match args.resolve(&ProcessEnvironment) {
@@ -35,6 +41,16 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Enqueue(args) => enqueue(args).await,
         Command::Status(args) => status(args).await,
+        Command::Demo(args) => {
+            let config = match args.resolve(rand::random) {
+                Ok(config) => config,
+                Err(error) => {
+                    eprintln!("egress-scaler: {error}");
+                    return Ok(ExitCode::from(2));
+                }
+            };
+            crate::demo::run(config).await
+        }
     }
 }
 

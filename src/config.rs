@@ -48,6 +48,9 @@ pub enum Command {
     Enqueue(EnqueueArgs),
     /// Show queues, fleet and desired replicas from a running server.
     Status(StatusArgs),
+    /// Play a burst of room recordings on this machine: a real redis-server and the serve
+    /// components against stand-ins of livekit-server, egress pods and KEDA.
+    Demo(DemoArgs),
 }
 
 /// Flags of `serve` (each also an `EGRESS_SCALER_<FLAG>` environment variable).
@@ -190,6 +193,71 @@ pub struct StatusArgs {
     /// Print the server's JSON instead of a table.
     #[arg(long)]
     pub json: bool,
+}
+
+/// Flags of `demo`; every one has a default, so `egress-scaler demo` alone plays the show.
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Rooms that ask for a recording, 1 to 100.
+    #[arg(long, default_value_t = 24)]
+    pub rooms: u32,
+    /// Seconds a new egress pod takes to become ready, 0 to 10.
+    #[arg(long, value_name = "SECONDS", default_value_t = 3.0)]
+    pub cold_start: f64,
+    /// Seed of the random plan (arrival times, duplicate requests, recording lengths)
+    /// [default: a new one, printed].
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// One line per second, no redrawing (automatic when standard output is not a terminal).
+    #[arg(long)]
+    pub plain: bool,
+}
+
+/// What `demo` plays, validated.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DemoConfig {
+    /// Rooms that ask for a recording.
+    pub rooms: u32,
+    /// How long a new egress pod takes to become ready.
+    pub cold_start: Duration,
+    /// Seed of the random plan.
+    pub seed: u64,
+    /// No redrawing in place.
+    pub plain: bool,
+}
+
+/// Most rooms `demo` plays: one egress pod each must fit on a small machine and in 60 s.
+pub const DEMO_MAX_ROOMS: u32 = 100;
+/// Longest egress pod cold start `demo` accepts, in seconds, so that it ends within 60 s.
+pub const DEMO_MAX_COLD_START_SECONDS: f64 = 10.0;
+
+impl DemoArgs {
+    /// Checks the flags; `seed` picks a fresh seed when none was given.
+    pub fn resolve(self, seed: impl FnOnce() -> u64) -> Result<DemoConfig, ConfigError> {
+        if !(1..=DEMO_MAX_ROOMS).contains(&self.rooms) {
+            return Err(invalid(
+                "--rooms",
+                format!("{} is not between 1 and {DEMO_MAX_ROOMS}", self.rooms),
+            ));
+        }
+        if !(self.cold_start.is_finite()
+            && (0.0..=DEMO_MAX_COLD_START_SECONDS).contains(&self.cold_start))
+        {
+            return Err(invalid(
+                "--cold-start",
+                format!(
+                    "{} is not a number of seconds between 0 and {DEMO_MAX_COLD_START_SECONDS}",
+                    self.cold_start
+                ),
+            ));
+        }
+        Ok(DemoConfig {
+            rooms: self.rooms,
+            cold_start: Duration::from_secs_f64(self.cold_start),
+            seed: self.seed.unwrap_or_else(seed),
+            plain: self.plain,
+        })
+    }
 }
 
 /// The `--config` file: the `serve` settings with `_` in place of `-`.

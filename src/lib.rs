@@ -14,12 +14,14 @@
 //! - [`telemetry`]: the metrics registry and logging.
 //! - [`server`]: `serve`, wiring the above with one shutdown token.
 //! - [`cli`]: the subcommands, `enqueue` and `status` as clients of the HTTP API.
+//! - [`demo`]: `demo`, a burst of recordings played on this machine against stand-ins.
 //! - [`redis_server`]: a real `redis-server` child process for tests, benchmarks and the demo.
 //! - [`standin`]: HTTP stand-ins for egress pods and Prometheus, for tests, benches and `demo`.
 #![forbid(unsafe_code)]
 
 pub mod cli;
 pub mod config;
+pub mod demo;
 pub mod dispatch;
 pub mod egress_request;
 pub mod fleet;
