@@ -1004,6 +1004,54 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
+    fn demo(args: &[&str]) -> Result<DemoConfig, ConfigError> {
+        let cli = Cli::try_parse_from(["egress-scaler", "demo"].iter().chain(args.iter()))
+            .expect("flags parse");
+        let Command::Demo(demo) = cli.command else {
+            panic!("not demo")
+        };
+        demo.resolve(|| 42)
+    }
+
+    #[test]
+    fn demo_flags_have_defaults_and_bounds() {
+        assert_eq!(
+            demo(&[]).unwrap(),
+            DemoConfig {
+                rooms: 24,
+                cold_start: Duration::from_secs(3),
+                seed: 42,
+                plain: false,
+            }
+        );
+        let config = demo(&[
+            "--rooms",
+            "100",
+            "--cold-start",
+            "0",
+            "--seed",
+            "7",
+            "--plain",
+        ])
+        .unwrap();
+        assert_eq!(
+            (config.rooms, config.cold_start, config.seed, config.plain),
+            (100, Duration::ZERO, 7, true)
+        );
+        assert_eq!(
+            demo(&["--cold-start", "10"]).unwrap().cold_start.as_secs(),
+            10
+        );
+        for (args, setting) in [
+            (["--rooms", "0"], "--rooms"),
+            (["--rooms", "101"], "--rooms"),
+            (["--cold-start", "10.5"], "--cold-start"),
+            (["--cold-start", "inf"], "--cold-start"),
+        ] {
+            assert_eq!(demo(&args).unwrap_err().setting, setting, "{args:?}");
+        }
+    }
+
     #[test]
     fn file_settings_are_below_flags() {
         let dir = std::env::temp_dir().join(format!("egress-scaler-config-{}", std::process::id()));
