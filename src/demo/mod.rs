@@ -417,6 +417,11 @@ async fn play(config: &DemoConfig, shutdown: &CancellationToken) -> anyhow::Resu
     ));
 
     screen.line("");
+    screen.line(
+        "  columns: queued = queue depth (GET /v1/status), desired = the last GetMetrics answer,",
+    );
+    screen
+        .line("           replicas = set by the KEDA/HPA stand-in, wait = enqueue to egress start");
     screen.line(&view::heading());
     let mut rooms: HashMap<String, Room> = plan
         .rooms
