@@ -1,5 +1,6 @@
 //! The subcommands: `serve` runs the server; `enqueue` and `status` are clients of its HTTP
-//! API (they authenticate with a token minted from `LIVEKIT_API_KEY`/`LIVEKIT_API_SECRET`).
+//! API (they authenticate with a token minted from `LIVEKIT_API_KEY`/`LIVEKIT_API_SECRET`);
+//! `demo` plays a burst of recordings on this machine ([`crate::demo`]).
 
 use std::fmt::Write as _;
 use std::io::Read;
@@ -11,12 +12,17 @@ use livekit_api::access_token::{AccessToken, VideoGrants};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Cli, Command, EnqueueArgs, ProcessEnvironment, StatusArgs};
+use crate::config::{ApiCredentials, Cli, Command, EnqueueArgs, ProcessEnvironment, StatusArgs};
 use crate::intake::StatusAnswer;
 
 /// Runs the parsed command line; errors are printed as one line by `main`.
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
-    crate::telemetry::init_logging(cli.log_format);
+    // The demo draws its own view on the terminal: only warnings and errors join it.
+    let default_level = match cli.command {
+        Command::Demo(_) => "warn",
+        _ => "info",
+    };
+    crate::telemetry::init_logging(cli.log_format, default_level);
     match cli.command {
         Command::Serve(args) => {
             let config = match args.resolve(&ProcessEnvironment) {
@@ -50,6 +56,16 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             .await??;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Demo(args) => {
+            let config = match args.resolve(rand::random) {
+                Ok(config) => config,
+                Err(error) => {
+                    eprintln!("egress-scaler: {error}");
+                    return Ok(ExitCode::from(2));
+                }
+            };
+            crate::demo::run(config).await
+        }
     }
 }
 
@@ -71,16 +87,24 @@ fn bearer_token() -> anyhow::Result<Option<String>> {
     let (Some(key), Some(secret)) = (key, secret) else {
         return Ok(None);
     };
-    let token = AccessToken::with_api_key(&key, &secret)
-        .with_identity("egress-scaler-cli")
+    let token = access_token(&ApiCredentials { key, secret }, "egress-scaler-cli")
+        .context("cannot sign an access token with LIVEKIT_API_KEY/LIVEKIT_API_SECRET")?;
+    Ok(Some(token))
+}
+
+/// A token for the HTTP API: five minutes of `video.roomRecord`, signed with `credentials`.
+pub fn access_token(
+    credentials: &ApiCredentials,
+    identity: &str,
+) -> Result<String, livekit_api::access_token::AccessTokenError> {
+    AccessToken::with_api_key(&credentials.key, &credentials.secret)
+        .with_identity(identity)
         .with_ttl(Duration::from_secs(300))
         .with_grants(VideoGrants {
             room_record: true,
             ..VideoGrants::default()
         })
         .to_jwt()
-        .context("cannot sign an access token with LIVEKIT_API_KEY/LIVEKIT_API_SECRET")?;
-    Ok(Some(token))
 }
 
 fn authorized(builder: reqwest::RequestBuilder) -> anyhow::Result<reqwest::RequestBuilder> {

@@ -50,6 +50,9 @@ pub enum Command {
     Status(StatusArgs),
     /// Compare scaling policies on the same traffic in virtual time (capacity planning).
     Simulate(SimulateArgs),
+    /// Play a burst of room recordings on this machine: a real redis-server and the serve
+    /// components against stand-ins of livekit-server, egress pods and KEDA.
+    Demo(DemoArgs),
 }
 
 /// Flags of `serve` (each also an `EGRESS_SCALER_<FLAG>` environment variable).
@@ -381,6 +384,71 @@ impl SimulateArgs {
     }
 }
 
+/// Flags of `demo`; every one has a default, so `egress-scaler demo` alone plays the show.
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Rooms that ask for a recording, 1 to 100.
+    #[arg(long, default_value_t = 24)]
+    pub rooms: u32,
+    /// Seconds a new egress pod takes to become ready, 0 to 10.
+    #[arg(long, value_name = "SECONDS", default_value_t = 3.0)]
+    pub cold_start: f64,
+    /// Seed of the random plan (arrival times, duplicate requests, recording lengths)
+    /// [default: a new one, printed].
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// One line per second, no redrawing (automatic when standard output is not a terminal).
+    #[arg(long)]
+    pub plain: bool,
+}
+
+/// What `demo` plays, validated.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DemoConfig {
+    /// Rooms that ask for a recording.
+    pub rooms: u32,
+    /// How long a new egress pod takes to become ready.
+    pub cold_start: Duration,
+    /// Seed of the random plan.
+    pub seed: u64,
+    /// No redrawing in place.
+    pub plain: bool,
+}
+
+/// Most rooms `demo` plays: one egress pod each must fit on a small machine and in 60 s.
+pub const DEMO_MAX_ROOMS: u32 = 100;
+/// Longest egress pod cold start `demo` accepts, in seconds, so that it ends within 60 s.
+pub const DEMO_MAX_COLD_START_SECONDS: f64 = 10.0;
+
+impl DemoArgs {
+    /// Checks the flags; `seed` picks a fresh seed when none was given.
+    pub fn resolve(self, seed: impl FnOnce() -> u64) -> Result<DemoConfig, ConfigError> {
+        if !(1..=DEMO_MAX_ROOMS).contains(&self.rooms) {
+            return Err(invalid(
+                "--rooms",
+                format!("{} is not between 1 and {DEMO_MAX_ROOMS}", self.rooms),
+            ));
+        }
+        if !(self.cold_start.is_finite()
+            && (0.0..=DEMO_MAX_COLD_START_SECONDS).contains(&self.cold_start))
+        {
+            return Err(invalid(
+                "--cold-start",
+                format!(
+                    "{} is not a number of seconds between 0 and {DEMO_MAX_COLD_START_SECONDS}",
+                    self.cold_start
+                ),
+            ));
+        }
+        Ok(DemoConfig {
+            rooms: self.rooms,
+            cold_start: Duration::from_secs_f64(self.cold_start),
+            seed: self.seed.unwrap_or_else(seed),
+            plain: self.plain,
+        })
+    }
+}
+
 /// Seconds of virtual time as milliseconds; zero allowed where `zero_ok`.
 fn sim_millis(setting: &'static str, seconds: f64, zero_ok: bool) -> Result<u64, ConfigError> {
     if seconds.is_finite() && seconds <= 86_400.0 && (seconds > 0.0 || (zero_ok && seconds == 0.0))
@@ -504,7 +572,13 @@ pub struct ServeConfig {
     pub auto_record: Option<AutoRecord>,
     /// This process's name in the dispatcher lease (`HOSTNAME`, the pod name in Kubernetes).
     pub holder_name: String,
+    /// How far a Prometheus fleet source lags behind the pods (a scrape interval): the
+    /// dispatcher counts its own starts that long.
+    pub prometheus_lag: Duration,
 }
+
+/// How far a Prometheus server's view of the egress pods lags: one scrape interval, at most.
+pub const DEFAULT_PROMETHEUS_LAG: Duration = Duration::from_secs(30);
 
 /// A setting has a value that cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -722,6 +796,7 @@ impl ServeArgs {
             not_found_retry,
             auto_record,
             holder_name,
+            prometheus_lag: DEFAULT_PROMETHEUS_LAG,
         })
     }
 }
@@ -1175,6 +1250,54 @@ mod tests {
         .unwrap_err();
         assert_eq!(error.setting, "--auto-record-template");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    fn demo(args: &[&str]) -> Result<DemoConfig, ConfigError> {
+        let cli = Cli::try_parse_from(["egress-scaler", "demo"].iter().chain(args.iter()))
+            .expect("flags parse");
+        let Command::Demo(demo) = cli.command else {
+            panic!("not demo")
+        };
+        demo.resolve(|| 42)
+    }
+
+    #[test]
+    fn demo_flags_have_defaults_and_bounds() {
+        assert_eq!(
+            demo(&[]).unwrap(),
+            DemoConfig {
+                rooms: 24,
+                cold_start: Duration::from_secs(3),
+                seed: 42,
+                plain: false,
+            }
+        );
+        let config = demo(&[
+            "--rooms",
+            "100",
+            "--cold-start",
+            "0",
+            "--seed",
+            "7",
+            "--plain",
+        ])
+        .unwrap();
+        assert_eq!(
+            (config.rooms, config.cold_start, config.seed, config.plain),
+            (100, Duration::ZERO, 7, true)
+        );
+        assert_eq!(
+            demo(&["--cold-start", "10"]).unwrap().cold_start.as_secs(),
+            10
+        );
+        for (args, setting) in [
+            (["--rooms", "0"], "--rooms"),
+            (["--rooms", "101"], "--rooms"),
+            (["--cold-start", "10.5"], "--cold-start"),
+            (["--cold-start", "inf"], "--cold-start"),
+        ] {
+            assert_eq!(demo(&args).unwrap_err().setting, setting, "{args:?}");
+        }
     }
 
     #[test]

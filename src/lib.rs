@@ -15,12 +15,14 @@
 //! - [`server`]: `serve`, wiring the above with one shutdown token.
 //! - [`simulate`]: scaling policies side by side on a trace, in virtual time, over [`model`].
 //! - [`cli`]: the subcommands, `enqueue` and `status` as clients of the HTTP API.
+//! - [`demo`]: `demo`, a burst of recordings played on this machine against stand-ins.
 //! - [`redis_server`]: a real `redis-server` child process for tests, benchmarks and the demo.
 //! - [`standin`]: HTTP stand-ins for egress pods and Prometheus, for tests, benches and `demo`.
 #![forbid(unsafe_code)]
 
 pub mod cli;
 pub mod config;
+pub mod demo;
 pub mod dispatch;
 pub mod egress_request;
 pub mod fleet;

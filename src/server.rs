@@ -134,7 +134,7 @@ pub async fn start(config: ServeConfig, shutdown: CancellationToken) -> anyhow::
 
     // Prometheus shows a start only after its next scrape of the pod.
     let reservation_lag = match config.fleet_source {
-        FleetSource::Prometheus { .. } => Duration::from_secs(30),
+        FleetSource::Prometheus { .. } => config.prometheus_lag,
         _ => Duration::ZERO,
     };
     let fleet = match config.fleet_source {

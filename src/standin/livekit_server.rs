@@ -237,6 +237,19 @@ impl LiveKitServerStandIn {
         self.state().pods.push(pod);
     }
 
+    /// Removes the pod with this `node_id` when it runs no egress (checked under the lock that
+    /// places jobs, so none lands on it meanwhile); false when it is busy or unknown.
+    pub fn remove_idle_pod(&self, node_id: &str) -> bool {
+        let mut state = self.state();
+        match state.pods.iter().position(|pod| pod.node_id() == node_id) {
+            Some(index) if state.pods[index].active().is_empty() => {
+                state.pods.remove(index);
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// The pods of the fleet.
     pub fn pods(&self) -> Vec<EgressPodStandIn> {
         self.state().pods.clone()

@@ -1,0 +1,678 @@
+//! `demo`: a burst of room recordings played end to end on this machine, in well under a
+//! minute.
+//!
+//! Real: a `redis-server` child process and the `serve` components (HTTP API, webhook
+//! receiver, KEDA gRPC scaler, fleet observer, dispatcher), configured through the same
+//! validation as `serve`. Stand-ins: livekit-server and the Prometheus server
+//! ([`crate::standin`]), the egress pods ([`deployment`]: metrics only, nothing is recorded)
+//! and KEDA with its HPA ([`autoscaler`]), which call the real gRPC service and scale the
+//! pods. Time runs fast: see [`Timing`].
+//!
+//! The rooms ask through the real HTTP API at the times of a seeded [`plan::Plan`], some of
+//! them twice. The demo fails (non-zero exit, one line saying why) when a room was not
+//! recorded or recorded twice, a repeated request was not answered as a duplicate, a recording
+//! did not end before the deadline, or the fleet did not scale back to zero.
+
+pub mod autoscaler;
+pub mod deployment;
+pub mod plan;
+pub mod view;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use serde::Deserialize;
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{ApiCredentials, DEMO_MAX_ROOMS, DemoConfig, Environment, ServeArgs};
+use crate::model::Settings;
+use crate::queue::{TicketId, TicketState};
+use crate::redis_server::RedisServer;
+use crate::standin::{LiveKitServerStandIn, LiveKitStandInOptions, PrometheusStandIn};
+use autoscaler::{Autoscaler, AutoscalerTiming, ScaleState};
+use deployment::{EgressDeployment, PodCounts};
+use plan::Plan;
+use view::{Sample, Screen, Summary};
+
+/// Something a stand-in did, shown between the table rows.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Event {
+    /// Time since the demo began.
+    pub at: Duration,
+    /// Which stand-in.
+    pub source: &'static str,
+    /// What happened, as a sentence.
+    pub text: String,
+}
+
+impl Event {
+    /// An event of `source` at `at`.
+    pub fn new(at: Duration, source: &'static str, text: impl Into<String>) -> Self {
+        Event {
+            at,
+            source,
+            text: text.into(),
+        }
+    }
+}
+
+/// The demo's compressed clock: the real values are in the comments.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Timing {
+    /// The rooms ask within this long.
+    pub burst: Duration,
+    /// Shortest and longest recording (real: minutes to hours).
+    pub recording: (Duration, Duration),
+    /// KEDA polling and HPA sync (real: 15 s each).
+    pub sync: Duration,
+    /// HPA scale-down stabilization window (shipped: 600 s).
+    pub scale_down_window: Duration,
+    /// KEDA cooldown before the last pod goes (shipped: 600 s).
+    pub cooldown: Duration,
+    /// livekit-server's wait for a free pod before `unavailable` (real: 18-27 s).
+    pub no_capacity_delay: Duration,
+    /// serve's `--fleet-refresh-seconds` (default: 2 s).
+    pub fleet_refresh: Duration,
+    /// Every recording must have ended, and the fleet be back to zero, by then.
+    pub deadline: Duration,
+}
+
+/// The timing every demo runs with.
+pub const TIMING: Timing = Timing {
+    burst: Duration::from_secs(2),
+    recording: (Duration::from_secs(4), Duration::from_secs(8)),
+    sync: Duration::from_secs(1),
+    scale_down_window: Duration::from_secs(5),
+    cooldown: Duration::from_secs(5),
+    no_capacity_delay: Duration::from_secs(2),
+    fleet_refresh: Duration::from_millis(500),
+    deadline: Duration::from_secs(50),
+};
+
+/// The queue the demo uses (serve's default).
+const QUEUE: &str = "default";
+/// How often the table is redrawn.
+const DRAW_EVERY: Duration = Duration::from_millis(250);
+/// How often the tickets' states are read.
+const POLL_TICKETS_EVERY: Duration = Duration::from_millis(500);
+/// The main loop's tick: recordings end on it.
+const TICK: Duration = Duration::from_millis(100);
+
+/// Runs the demo; Ctrl-C or SIGTERM stops it early, cleaning up all the same.
+pub async fn run(config: DemoConfig) -> anyhow::Result<ExitCode> {
+    let shutdown = CancellationToken::new();
+    let signals = tokio::spawn(crate::server::cancel_on_signal(shutdown.clone()));
+    let result = play(&config, &shutdown).await;
+    shutdown.cancel();
+    let _ = signals.await;
+    result
+}
+
+/// Only the demo's own API credentials: nothing from the shell's environment leaks in.
+struct DemoEnvironment<'a>(&'a ApiCredentials);
+
+impl Environment for DemoEnvironment<'_> {
+    fn var(&self, name: &str) -> Option<String> {
+        match name {
+            "LIVEKIT_API_KEY" => Some(self.0.key.clone()),
+            "LIVEKIT_API_SECRET" => Some(self.0.secret.clone()),
+            _ => None,
+        }
+    }
+}
+
+/// The real HTTP API, as the rooms' backend and the view use it.
+#[derive(Clone)]
+struct Api {
+    http: reqwest::Client,
+    base: String,
+    token: String,
+}
+
+#[derive(Deserialize)]
+struct EnqueueAnswer {
+    ticket: TicketId,
+    #[serde(default)]
+    duplicate: bool,
+}
+
+#[derive(Deserialize)]
+struct TicketAnswer {
+    state: TicketState,
+}
+
+#[derive(Deserialize)]
+struct StatusAnswer {
+    queues: Vec<QueueDepth>,
+}
+
+#[derive(Deserialize)]
+struct QueueDepth {
+    queue: String,
+    depth: u64,
+}
+
+impl Api {
+    async fn enqueue(&self, room: &str) -> anyhow::Result<EnqueueAnswer> {
+        let body = serde_json::json!({ "kind": "room_composite", "room_name": room });
+        let response = self
+            .http
+            .post(format!("{}/v1/requests", self.base))
+            .bearer_auth(&self.token)
+            .json(&body)
+            .send()
+            .await?
+            .error_for_status()?;
+        Ok(response.json().await?)
+    }
+
+    async fn ticket_state(&self, ticket: &TicketId) -> anyhow::Result<TicketState> {
+        let answer: TicketAnswer = self
+            .http
+            .get(format!("{}/v1/requests/{ticket}", self.base))
+            .bearer_auth(&self.token)
+            .send()
+            .await?
+            .error_for_status()?
+            .json()
+            .await?;
+        Ok(answer.state)
+    }
+
+    async fn queue_depth(&self) -> anyhow::Result<u64> {
+        let answer: StatusAnswer = self
+            .http
+            .get(format!("{}/v1/status", self.base))
+            .bearer_auth(&self.token)
+            .send()
+            .await?
+            .error_for_status()?
+            .json()
+            .await?;
+        Ok(answer
+            .queues
+            .iter()
+            .find(|q| q.queue == QUEUE)
+            .map_or(0, |q| q.depth))
+    }
+}
+
+/// One answer of the burst.
+struct Asked {
+    request: usize,
+    sent_at: Instant,
+    answer: Result<EnqueueAnswer, String>,
+}
+
+/// Sends the plan's requests at their times.
+async fn send_burst(
+    api: Api,
+    plan: Arc<Plan>,
+    clock: Instant,
+    answers: mpsc::UnboundedSender<Asked>,
+    shutdown: CancellationToken,
+) {
+    for (index, request) in plan.requests.iter().enumerate() {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep_until((clock + request.at).into()) => {}
+        }
+        let sent_at = Instant::now();
+        let answer = api
+            .enqueue(&plan.rooms[request.room].name)
+            .await
+            .map_err(|error| format!("{error:#}"));
+        let _ = answers.send(Asked {
+            request: index,
+            sent_at,
+            answer,
+        });
+    }
+}
+
+/// What the demo knows of one room.
+#[derive(Default)]
+struct Room {
+    ticket: Option<TicketId>,
+    asked_at: Option<Instant>,
+    state: Option<TicketState>,
+    enqueue_failed: bool,
+}
+
+impl Room {
+    /// Nothing more will happen to it.
+    fn settled(&self) -> bool {
+        self.enqueue_failed
+            || matches!(
+                self.state,
+                Some(TicketState::Ended | TicketState::Failed | TicketState::Cancelled)
+            )
+    }
+}
+
+/// Ends each stand-in egress when its room's recording length has passed.
+struct Recordings {
+    lengths: HashMap<String, Duration>,
+    seen: usize,
+    due: Vec<(Instant, String)>,
+}
+
+impl Recordings {
+    fn end_due(&mut self, livekit: &LiveKitServerStandIn) {
+        let started = livekit.started();
+        for egress in started.iter().skip(self.seen) {
+            let length = self
+                .lengths
+                .get(&egress.room_name)
+                .copied()
+                .unwrap_or(TIMING.recording.0);
+            self.due
+                .push((egress.started_at + length, egress.egress_id.clone()));
+        }
+        self.seen = started.len();
+        let now = Instant::now();
+        self.due.retain(|(at, egress_id)| {
+            if *at <= now {
+                livekit.end_egress(egress_id);
+                false
+            } else {
+                true
+            }
+        });
+    }
+}
+
+/// Wait from each room's first request to its first egress start.
+fn waits(rooms: &HashMap<String, Room>, livekit: &LiveKitServerStandIn) -> Vec<Duration> {
+    let mut first_start: HashMap<String, Instant> = HashMap::new();
+    for egress in livekit.started() {
+        first_start
+            .entry(egress.room_name)
+            .or_insert(egress.started_at);
+    }
+    rooms
+        .iter()
+        .filter_map(|(name, room)| {
+            let asked_at = room.asked_at?;
+            Some(first_start.get(name)?.saturating_duration_since(asked_at))
+        })
+        .collect()
+}
+
+async fn play(config: &DemoConfig, shutdown: &CancellationToken) -> anyhow::Result<ExitCode> {
+    let clock = Instant::now();
+    let mut redis = tokio::task::spawn_blocking(RedisServer::start)
+        .await
+        .context("the redis-server start was cancelled")?
+        .context("the demo needs a local redis-server")?;
+    let redis_pid = redis.pid().unwrap_or_default();
+
+    let credentials = ApiCredentials {
+        key: "demo-key".to_owned(),
+        secret: uuid::Uuid::new_v4().simple().to_string(),
+    };
+    let settings = Settings::default();
+    let prometheus = PrometheusStandIn::start()
+        .await
+        .context("cannot start the Prometheus stand-in")?;
+    let livekit = LiveKitServerStandIn::start(
+        LiveKitStandInOptions {
+            api_key: credentials.key.clone(),
+            api_secret: credentials.secret.clone(),
+            settings: settings.clone(),
+            no_capacity_delay: TIMING.no_capacity_delay,
+            egress_duration: None,
+            webhook_url: None,
+            any_room_exists: true,
+        },
+        Vec::new(),
+    )
+    .await
+    .context("cannot start the livekit-server stand-in")?;
+
+    let loopback = SocketAddr::from(([127, 0, 0, 1], 0));
+    let serve_args = ServeArgs {
+        redis_url: Some(redis.url()),
+        grpc_listen: Some(loopback),
+        http_listen: Some(loopback),
+        prometheus_url: Some(prometheus.url()),
+        livekit_url: Some(livekit.url()),
+        fleet_refresh_seconds: Some(TIMING.fleet_refresh.as_secs_f64()),
+        max_replicas: Some(DEMO_MAX_ROOMS),
+        ..ServeArgs::default()
+    };
+    let mut serve_config = serve_args
+        .resolve(&DemoEnvironment(&credentials))
+        .context("the demo's serve settings are invalid")?;
+    // The Prometheus stand-in reads the pods when asked: it has no scrape interval to lag by.
+    serve_config.prometheus_lag = Duration::ZERO;
+    let running = crate::server::start(serve_config, shutdown.clone())
+        .await
+        .context("cannot start the serve components")?;
+    livekit.set_webhook_url(Some(format!(
+        "http://{}/webhook/livekit",
+        running.http_addr
+    )));
+
+    let plan = Arc::new(Plan::draw(
+        config.rooms,
+        config.seed,
+        TIMING.burst,
+        TIMING.recording,
+    ));
+    let mut screen =
+        Screen::new(config.plain || !std::io::IsTerminal::is_terminal(&std::io::stdout()));
+    for line in header(config, &plan, redis_pid, redis.port(), &running, &livekit) {
+        screen.line(&line);
+    }
+
+    let api = Api {
+        http: reqwest::Client::builder()
+            .timeout(Duration::from_secs(5))
+            .build()
+            .context("cannot build the HTTP client")?,
+        base: format!("http://{}", running.http_addr),
+        token: crate::cli::access_token(&credentials, "egress-scaler-demo")
+            .context("cannot sign the demo's access token")?,
+    };
+    let autoscaler = Autoscaler::connect(
+        running.grpc_addr,
+        QUEUE,
+        AutoscalerTiming {
+            sync: TIMING.sync,
+            scale_down_window: TIMING.scale_down_window,
+            cooldown: TIMING.cooldown,
+            max_replicas: DEMO_MAX_ROOMS,
+        },
+        clock.elapsed(),
+    )
+    .await
+    .context("the KEDA stand-in cannot reach the gRPC scaler")?;
+
+    let (events, mut event_rx) = mpsc::unbounded_channel();
+    let (scale_tx, scale) = watch::channel(ScaleState::default());
+    let (counts_tx, counts) = watch::channel(PodCounts::default());
+    let (asked_tx, mut asked_rx) = mpsc::unbounded_channel();
+    let autoscaler_task =
+        tokio::spawn(autoscaler.run(clock, scale_tx, events.clone(), shutdown.clone()));
+    let deployment = EgressDeployment::new(
+        livekit.clone(),
+        prometheus.clone(),
+        settings,
+        config.cold_start,
+    );
+    let deployment_task =
+        tokio::spawn(deployment.run(clock, scale.clone(), counts_tx, events, shutdown.clone()));
+    let burst_task = tokio::spawn(send_burst(
+        api.clone(),
+        Arc::clone(&plan),
+        clock,
+        asked_tx,
+        shutdown.clone(),
+    ));
+
+    screen.line("");
+    screen.line(
+        "  columns: queued = queue depth (GET /v1/status), desired = the last GetMetrics answer,",
+    );
+    screen
+        .line("           replicas = set by the KEDA/HPA stand-in, wait = enqueue to egress start");
+    screen.line(&view::heading());
+    let mut rooms: HashMap<String, Room> = plan
+        .rooms
+        .iter()
+        .map(|room| (room.name.clone(), Room::default()))
+        .collect();
+    let mut recordings = Recordings {
+        lengths: plan
+            .rooms
+            .iter()
+            .map(|room| (room.name.clone(), room.recording))
+            .collect(),
+        seen: 0,
+        due: Vec::new(),
+    };
+    let mut answered = 0;
+    let mut repeats_answered_duplicate = 0;
+    let mut next_draw = Duration::ZERO;
+    let mut next_poll = Duration::ZERO;
+    let mut stopped_early: Option<String> = None;
+    let mut tick = tokio::time::interval(TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            Some(asked) = asked_rx.recv() => {
+                answered += 1;
+                let request = &plan.requests[asked.request];
+                let name = &plan.rooms[request.room].name;
+                let room = rooms.get_mut(name).expect("every planned room is tracked");
+                match (request.repeat, asked.answer) {
+                    (false, Ok(answer)) => {
+                        room.ticket = Some(answer.ticket);
+                        room.asked_at = Some(asked.sent_at);
+                    }
+                    (false, Err(error)) => {
+                        room.enqueue_failed = true;
+                        screen.line(&format!("Enqueueing {name} failed: {error}"));
+                    }
+                    (true, Ok(answer)) => {
+                        if answer.duplicate && room.ticket.as_ref() == Some(&answer.ticket) {
+                            repeats_answered_duplicate += 1;
+                        } else {
+                            screen.line(&format!("The repeated request of {name} was not answered as a duplicate."));
+                        }
+                    }
+                    (true, Err(error)) => {
+                        screen.line(&format!("The repeated request of {name} failed: {error}"));
+                    }
+                }
+            }
+            Some(event) = event_rx.recv() => screen.line(&view::event_line(&event)),
+            _ = tick.tick() => {
+                let now = clock.elapsed();
+                recordings.end_due(&livekit);
+                if now >= next_poll {
+                    next_poll = now + POLL_TICKETS_EVERY;
+                    let open: Vec<(String, TicketId)> = rooms
+                        .iter()
+                        .filter(|(_, room)| !room.settled())
+                        .filter_map(|(name, room)| Some((name.clone(), room.ticket.clone()?)))
+                        .collect();
+                    let states = futures::future::join_all(
+                        open.iter().map(|(_, ticket)| api.ticket_state(ticket)),
+                    )
+                    .await;
+                    for ((name, _), state) in open.into_iter().zip(states) {
+                        if let Ok(state) = state
+                            && let Some(room) = rooms.get_mut(&name)
+                        {
+                            room.state = Some(state);
+                        }
+                    }
+                }
+                if now >= next_draw {
+                    next_draw = now + DRAW_EVERY;
+                    let sample = take_sample(now, &api, &scale, &counts, &livekit, &rooms).await;
+                    screen.sample(&sample);
+                }
+                let pods = *counts.borrow();
+                let all_asked = answered == plan.requests.len();
+                if all_asked
+                    && rooms.values().all(Room::settled)
+                    && pods.total() == 0
+                    && scale.borrow().replicas == 0
+                {
+                    break;
+                }
+                if now >= TIMING.deadline {
+                    break;
+                }
+                if deployment_task.is_finished() || autoscaler_task.is_finished() {
+                    stopped_early = Some("a stand-in stopped on its own".to_owned());
+                    break;
+                }
+            }
+        }
+    }
+    let interrupted = shutdown.is_cancelled();
+    let now = clock.elapsed();
+    let last = take_sample(now, &api, &scale, &counts, &livekit, &rooms).await;
+    screen.finish_table(&last);
+
+    let mut egress_per_room: HashMap<String, usize> = HashMap::new();
+    for egress in livekit.started() {
+        *egress_per_room.entry(egress.room_name).or_default() += 1;
+    }
+    let mut names: Vec<&String> = rooms.keys().collect();
+    names.sort();
+    let pods = *counts.borrow();
+    let mut summary = Summary {
+        rooms: plan.rooms.len(),
+        repeats: plan.repeats(),
+        repeats_answered_duplicate,
+        started: livekit.started_count(),
+        lost: names
+            .iter()
+            .filter(|name| !egress_per_room.contains_key(**name))
+            .map(|name| (*name).clone())
+            .collect(),
+        duplicated: names
+            .iter()
+            .filter(|name| egress_per_room.get(**name).is_some_and(|n| *n > 1))
+            .map(|name| (*name).clone())
+            .collect(),
+        not_ended: names
+            .iter()
+            .filter(|name| rooms[**name].state != Some(TicketState::Ended))
+            .map(|name| (*name).clone())
+            .collect(),
+        waits: waits(&rooms, &livekit),
+        peak_pods: pods.peak,
+        pod_seconds: pods.pod_seconds,
+        pods_left: pods.total(),
+        wall: Duration::ZERO,
+        deadline: TIMING.deadline,
+        interrupted,
+    };
+
+    // Cleanup: the stand-ins' loops, the serve components, the stand-in servers, redis-server.
+    shutdown.cancel();
+    let _ = autoscaler_task.await;
+    let deployment_result = deployment_task.await;
+    let _ = burst_task.await;
+    if let Err(error) = running.wait().await {
+        screen.line(&format!(
+            "The serve components stopped with an error: {error:#}"
+        ));
+    }
+    drop(livekit);
+    drop(prometheus);
+    redis.stop();
+    screen.line(&format!(
+        "Stopped redis-server pid {redis_pid}, the serve components and every stand-in."
+    ));
+    screen.line("");
+
+    summary.wall = clock.elapsed();
+    for line in summary.lines() {
+        screen.line(&line);
+    }
+    match deployment_result {
+        Ok(Err(error)) => {
+            return Err(anyhow::Error::new(error).context("the egress pods stand-in failed"));
+        }
+        Err(error) => anyhow::bail!("the egress pods stand-in panicked: {error}"),
+        Ok(Ok(())) => {}
+    }
+    if let Some(reason) = stopped_early {
+        anyhow::bail!("{reason}");
+    }
+    Ok(match summary.failure() {
+        None => ExitCode::SUCCESS,
+        Some(_) if interrupted => ExitCode::from(130),
+        Some(_) => ExitCode::FAILURE,
+    })
+}
+
+async fn take_sample(
+    now: Duration,
+    api: &Api,
+    scale: &watch::Receiver<ScaleState>,
+    counts: &watch::Receiver<PodCounts>,
+    livekit: &LiveKitServerStandIn,
+    rooms: &HashMap<String, Room>,
+) -> Sample {
+    let scale = *scale.borrow();
+    let pods = *counts.borrow();
+    let started = livekit.started_count();
+    let mut waits = waits(rooms, livekit);
+    waits.sort();
+    Sample {
+        elapsed: now,
+        queued: api.queue_depth().await.ok(),
+        desired: scale.desired,
+        replicas: scale.replicas,
+        ready: pods.ready,
+        starting: pods.starting,
+        draining: pods.draining,
+        started,
+        ended: started.saturating_sub(livekit.active_egress().len()),
+        wait_p50: view::percentile(&waits, 0.5),
+        wait_max: waits.last().copied(),
+    }
+}
+
+/// What runs, what is real and what is a stand-in, and how fast time goes.
+fn header(
+    config: &DemoConfig,
+    plan: &Plan,
+    redis_pid: u32,
+    redis_port: u16,
+    running: &crate::server::Running,
+    livekit: &LiveKitServerStandIn,
+) -> Vec<String> {
+    let secs = |d: Duration| d.as_secs_f64();
+    vec![
+        format!(
+            "egress-scaler demo: {} rooms ask for a recording within {} s, {} of them twice (seed {}).",
+            plan.rooms.len(),
+            secs(TIMING.burst),
+            plan.repeats(),
+            config.seed
+        ),
+        format!(
+            "  real      redis-server pid {redis_pid} on 127.0.0.1:{redis_port}, started for the demo"
+        ),
+        format!(
+            "  real      egress-scaler serve: HTTP API and webhook receiver on http://{}, KEDA gRPC scaler on {},",
+            running.http_addr, running.grpc_addr
+        ),
+        "            fleet observer and dispatcher".to_owned(),
+        format!(
+            "  stand-in  livekit-server on {}: Twirp egress API and signed webhooks",
+            livekit.url()
+        ),
+        "  stand-in  egress pods: metrics endpoints only, nothing is recorded; 4 cores, one room composite each".to_owned(),
+        "  stand-in  Prometheus: how the fleet observer finds the egress pods".to_owned(),
+        "  stand-in  KEDA and its HPA: they call the real gRPC scaler and set the egress pod count".to_owned(),
+        format!(
+            "  time runs fast: pod cold start {} s, KEDA/HPA sync every {} s, scale-down window {} s, KEDA cooldown {} s,",
+            secs(config.cold_start),
+            secs(TIMING.sync),
+            secs(TIMING.scale_down_window),
+            secs(TIMING.cooldown)
+        ),
+        format!(
+            "  recordings last {}-{} s; everything must be done within {} s.",
+            secs(TIMING.recording.0),
+            secs(TIMING.recording.1),
+            secs(TIMING.deadline)
+        ),
+    ]
+}
