@@ -95,8 +95,8 @@ fn ctrl_c_stops_the_demo_and_its_redis_server() {
         .unwrap();
     let mut stdout = BufReader::new(child.stdout.take().unwrap());
     let mut seen = String::new();
-    // Wait until the table runs, so that everything has started.
-    while !seen.contains("KEDA/HPA stand-in") {
+    // Wait until the KEDA/HPA stand-in has scaled, so that everything has started.
+    while !seen.contains("replica(s)") {
         let mut line = String::new();
         assert!(stdout.read_line(&mut line).unwrap() > 0, "{seen}");
         seen.push_str(&line);

@@ -304,14 +304,136 @@ fn waits(rooms: &HashMap<String, Room>, livekit: &LiveKitServerStandIn) -> Vec<D
         .collect()
 }
 
-async fn play(config: &DemoConfig, shutdown: &CancellationToken) -> anyhow::Result<ExitCode> {
-    let clock = Instant::now();
-    let mut redis = tokio::task::spawn_blocking(RedisServer::start)
+/// What the burst got as answers and where each room's ticket is.
+struct Tally {
+    plan: Arc<Plan>,
+    rooms: HashMap<String, Room>,
+    answered: usize,
+    repeats_answered_duplicate: usize,
+}
+
+impl Tally {
+    fn new(plan: Arc<Plan>) -> Self {
+        let rooms = plan
+            .rooms
+            .iter()
+            .map(|room| (room.name.clone(), Room::default()))
+            .collect();
+        Tally {
+            plan,
+            rooms,
+            answered: 0,
+            repeats_answered_duplicate: 0,
+        }
+    }
+
+    /// Takes in one answer of the burst; returns a line to show when it went wrong.
+    fn answer(&mut self, asked: Asked) -> Option<String> {
+        self.answered += 1;
+        let request = &self.plan.requests[asked.request];
+        let name = &self.plan.rooms[request.room].name;
+        let room = self.rooms.get_mut(name)?;
+        match (request.repeat, asked.answer) {
+            (false, Ok(answer)) => {
+                room.ticket = Some(answer.ticket);
+                room.asked_at = Some(asked.sent_at);
+                None
+            }
+            (false, Err(error)) => {
+                room.enqueue_failed = true;
+                Some(format!("Enqueueing {name} failed: {error}"))
+            }
+            (true, Ok(answer))
+                if answer.duplicate && room.ticket.as_ref() == Some(&answer.ticket) =>
+            {
+                self.repeats_answered_duplicate += 1;
+                None
+            }
+            (true, Ok(_)) => Some(format!(
+                "The repeated request of {name} was not answered as a duplicate."
+            )),
+            (true, Err(error)) => Some(format!("The repeated request of {name} failed: {error}")),
+        }
+    }
+
+    /// Reads the state of every ticket not settled yet.
+    async fn poll_tickets(&mut self, api: &Api) {
+        let open: Vec<(String, TicketId)> = self
+            .rooms
+            .iter()
+            .filter(|(_, room)| !room.settled())
+            .filter_map(|(name, room)| Some((name.clone(), room.ticket.clone()?)))
+            .collect();
+        let states =
+            futures::future::join_all(open.iter().map(|(_, ticket)| api.ticket_state(ticket)))
+                .await;
+        for ((name, _), state) in open.into_iter().zip(states) {
+            if let (Ok(state), Some(room)) = (state, self.rooms.get_mut(&name)) {
+                room.state = Some(state);
+            }
+        }
+    }
+
+    /// Every request was answered and every ticket settled.
+    fn settled(&self) -> bool {
+        self.answered == self.plan.requests.len() && self.rooms.values().all(Room::settled)
+    }
+
+    /// The verdict's inputs, from the tickets and the egress the livekit-server stand-in saw.
+    fn summary(
+        &self,
+        livekit: &LiveKitServerStandIn,
+        pods: PodCounts,
+        interrupted: bool,
+    ) -> Summary {
+        let mut egress_per_room: HashMap<String, usize> = HashMap::new();
+        for egress in livekit.started() {
+            *egress_per_room.entry(egress.room_name).or_default() += 1;
+        }
+        let mut names: Vec<&String> = self.rooms.keys().collect();
+        names.sort();
+        let rooms_where = |keep: &dyn Fn(&String) -> bool| -> Vec<String> {
+            names
+                .iter()
+                .filter(|name| keep(name))
+                .map(|name| (*name).clone())
+                .collect()
+        };
+        Summary {
+            rooms: self.plan.rooms.len(),
+            repeats: self.plan.repeats(),
+            repeats_answered_duplicate: self.repeats_answered_duplicate,
+            started: livekit.started_count(),
+            lost: rooms_where(&|name| !egress_per_room.contains_key(name)),
+            duplicated: rooms_where(&|name| egress_per_room.get(name).is_some_and(|n| *n > 1)),
+            not_ended: rooms_where(&|name| self.rooms[name].state != Some(TicketState::Ended)),
+            waits: waits(&self.rooms, livekit),
+            peak_pods: pods.peak,
+            pod_seconds: pods.pod_seconds,
+            pods_left: pods.total(),
+            wall: Duration::ZERO,
+            deadline: TIMING.deadline,
+            interrupted,
+        }
+    }
+}
+
+/// Everything the demo starts before the burst: the real parts and the stand-ins they talk to.
+struct Stage {
+    redis: RedisServer,
+    prometheus: PrometheusStandIn,
+    livekit: LiveKitServerStandIn,
+    running: crate::server::Running,
+    api: Api,
+    settings: Settings,
+}
+
+/// Starts redis-server, the Prometheus and livekit-server stand-ins and the serve components.
+async fn set_up(shutdown: &CancellationToken) -> anyhow::Result<Stage> {
+    let redis = tokio::task::spawn_blocking(RedisServer::start)
         .await
         .context("the redis-server start was cancelled")?
         .context("the demo needs a local redis-server")?;
-    let redis_pid = redis.pid().unwrap_or_default();
-
     let credentials = ApiCredentials {
         key: "demo-key".to_owned(),
         secret: uuid::Uuid::new_v4().simple().to_string(),
@@ -358,7 +480,36 @@ async fn play(config: &DemoConfig, shutdown: &CancellationToken) -> anyhow::Resu
         "http://{}/webhook/livekit",
         running.http_addr
     )));
+    let api = Api {
+        http: reqwest::Client::builder()
+            .timeout(Duration::from_secs(5))
+            .build()
+            .context("cannot build the HTTP client")?,
+        base: format!("http://{}", running.http_addr),
+        token: crate::cli::access_token(&credentials, "egress-scaler-demo")
+            .context("cannot sign the demo's access token")?,
+    };
+    Ok(Stage {
+        redis,
+        prometheus,
+        livekit,
+        running,
+        api,
+        settings,
+    })
+}
 
+async fn play(config: &DemoConfig, shutdown: &CancellationToken) -> anyhow::Result<ExitCode> {
+    let clock = Instant::now();
+    let Stage {
+        mut redis,
+        prometheus,
+        livekit,
+        running,
+        api,
+        settings,
+    } = set_up(shutdown).await?;
+    let redis_pid = redis.pid().unwrap_or_default();
     let plan = Arc::new(Plan::draw(
         config.rooms,
         config.seed,
@@ -371,15 +522,6 @@ async fn play(config: &DemoConfig, shutdown: &CancellationToken) -> anyhow::Resu
         screen.line(&line);
     }
 
-    let api = Api {
-        http: reqwest::Client::builder()
-            .timeout(Duration::from_secs(5))
-            .build()
-            .context("cannot build the HTTP client")?,
-        base: format!("http://{}", running.http_addr),
-        token: crate::cli::access_token(&credentials, "egress-scaler-demo")
-            .context("cannot sign the demo's access token")?,
-    };
     let autoscaler = Autoscaler::connect(
         running.grpc_addr,
         QUEUE,
@@ -393,19 +535,18 @@ async fn play(config: &DemoConfig, shutdown: &CancellationToken) -> anyhow::Resu
     )
     .await
     .context("the KEDA stand-in cannot reach the gRPC scaler")?;
-
-    let (events, mut event_rx) = mpsc::unbounded_channel();
-    let (scale_tx, scale) = watch::channel(ScaleState::default());
-    let (counts_tx, counts) = watch::channel(PodCounts::default());
-    let (asked_tx, mut asked_rx) = mpsc::unbounded_channel();
-    let autoscaler_task =
-        tokio::spawn(autoscaler.run(clock, scale_tx, events.clone(), shutdown.clone()));
     let deployment = EgressDeployment::new(
         livekit.clone(),
         prometheus.clone(),
         settings,
         config.cold_start,
     );
+    let (events, mut event_rx) = mpsc::unbounded_channel();
+    let (scale_tx, scale) = watch::channel(ScaleState::default());
+    let (counts_tx, counts) = watch::channel(PodCounts::default());
+    let (asked_tx, mut asked_rx) = mpsc::unbounded_channel();
+    let autoscaler_task =
+        tokio::spawn(autoscaler.run(clock, scale_tx, events.clone(), shutdown.clone()));
     let deployment_task =
         tokio::spawn(deployment.run(clock, scale.clone(), counts_tx, events, shutdown.clone()));
     let burst_task = tokio::spawn(send_burst(
@@ -423,11 +564,7 @@ async fn play(config: &DemoConfig, shutdown: &CancellationToken) -> anyhow::Resu
     screen
         .line("           replicas = set by the KEDA/HPA stand-in, wait = enqueue to egress start");
     screen.line(&view::heading());
-    let mut rooms: HashMap<String, Room> = plan
-        .rooms
-        .iter()
-        .map(|room| (room.name.clone(), Room::default()))
-        .collect();
+    let mut tally = Tally::new(Arc::clone(&plan));
     let mut recordings = Recordings {
         lengths: plan
             .rooms
@@ -437,40 +574,18 @@ async fn play(config: &DemoConfig, shutdown: &CancellationToken) -> anyhow::Resu
         seen: 0,
         due: Vec::new(),
     };
-    let mut answered = 0;
-    let mut repeats_answered_duplicate = 0;
     let mut next_draw = Duration::ZERO;
     let mut next_poll = Duration::ZERO;
-    let mut stopped_early: Option<String> = None;
+    let mut stopped_early = false;
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
+            biased;
             _ = shutdown.cancelled() => break,
             Some(asked) = asked_rx.recv() => {
-                answered += 1;
-                let request = &plan.requests[asked.request];
-                let name = &plan.rooms[request.room].name;
-                let room = rooms.get_mut(name).expect("every planned room is tracked");
-                match (request.repeat, asked.answer) {
-                    (false, Ok(answer)) => {
-                        room.ticket = Some(answer.ticket);
-                        room.asked_at = Some(asked.sent_at);
-                    }
-                    (false, Err(error)) => {
-                        room.enqueue_failed = true;
-                        screen.line(&format!("Enqueueing {name} failed: {error}"));
-                    }
-                    (true, Ok(answer)) => {
-                        if answer.duplicate && room.ticket.as_ref() == Some(&answer.ticket) {
-                            repeats_answered_duplicate += 1;
-                        } else {
-                            screen.line(&format!("The repeated request of {name} was not answered as a duplicate."));
-                        }
-                    }
-                    (true, Err(error)) => {
-                        screen.line(&format!("The repeated request of {name} failed: {error}"));
-                    }
+                if let Some(problem) = tally.answer(asked) {
+                    screen.line(&problem);
                 }
             }
             Some(event) = event_rx.recv() => screen.line(&view::event_line(&event)),
@@ -479,42 +594,20 @@ async fn play(config: &DemoConfig, shutdown: &CancellationToken) -> anyhow::Resu
                 recordings.end_due(&livekit);
                 if now >= next_poll {
                     next_poll = now + POLL_TICKETS_EVERY;
-                    let open: Vec<(String, TicketId)> = rooms
-                        .iter()
-                        .filter(|(_, room)| !room.settled())
-                        .filter_map(|(name, room)| Some((name.clone(), room.ticket.clone()?)))
-                        .collect();
-                    let states = futures::future::join_all(
-                        open.iter().map(|(_, ticket)| api.ticket_state(ticket)),
-                    )
-                    .await;
-                    for ((name, _), state) in open.into_iter().zip(states) {
-                        if let Ok(state) = state
-                            && let Some(room) = rooms.get_mut(&name)
-                        {
-                            room.state = Some(state);
-                        }
-                    }
+                    tally.poll_tickets(&api).await;
                 }
                 if now >= next_draw {
                     next_draw = now + DRAW_EVERY;
-                    let sample = take_sample(now, &api, &scale, &counts, &livekit, &rooms).await;
-                    screen.sample(&sample);
+                    screen.sample(&take_sample(now, &api, &scale, &counts, &livekit, &tally).await);
                 }
-                let pods = *counts.borrow();
-                let all_asked = answered == plan.requests.len();
-                if all_asked
-                    && rooms.values().all(Room::settled)
-                    && pods.total() == 0
-                    && scale.borrow().replicas == 0
-                {
+                let back_to_zero = counts.borrow().total() == 0 && scale.borrow().replicas == 0;
+                if (tally.settled() && back_to_zero) || now >= TIMING.deadline {
                     break;
                 }
-                if now >= TIMING.deadline {
-                    break;
-                }
-                if deployment_task.is_finished() || autoscaler_task.is_finished() {
-                    stopped_early = Some("a stand-in stopped on its own".to_owned());
+                // They end on their own only by failing (or on a shutdown not seen yet).
+                let stopped = deployment_task.is_finished() || autoscaler_task.is_finished();
+                if stopped && !shutdown.is_cancelled() {
+                    stopped_early = true;
                     break;
                 }
             }
@@ -522,44 +615,8 @@ async fn play(config: &DemoConfig, shutdown: &CancellationToken) -> anyhow::Resu
     }
     let interrupted = shutdown.is_cancelled();
     let now = clock.elapsed();
-    let last = take_sample(now, &api, &scale, &counts, &livekit, &rooms).await;
-    screen.finish_table(&last);
-
-    let mut egress_per_room: HashMap<String, usize> = HashMap::new();
-    for egress in livekit.started() {
-        *egress_per_room.entry(egress.room_name).or_default() += 1;
-    }
-    let mut names: Vec<&String> = rooms.keys().collect();
-    names.sort();
-    let pods = *counts.borrow();
-    let mut summary = Summary {
-        rooms: plan.rooms.len(),
-        repeats: plan.repeats(),
-        repeats_answered_duplicate,
-        started: livekit.started_count(),
-        lost: names
-            .iter()
-            .filter(|name| !egress_per_room.contains_key(**name))
-            .map(|name| (*name).clone())
-            .collect(),
-        duplicated: names
-            .iter()
-            .filter(|name| egress_per_room.get(**name).is_some_and(|n| *n > 1))
-            .map(|name| (*name).clone())
-            .collect(),
-        not_ended: names
-            .iter()
-            .filter(|name| rooms[**name].state != Some(TicketState::Ended))
-            .map(|name| (*name).clone())
-            .collect(),
-        waits: waits(&rooms, &livekit),
-        peak_pods: pods.peak,
-        pod_seconds: pods.pod_seconds,
-        pods_left: pods.total(),
-        wall: Duration::ZERO,
-        deadline: TIMING.deadline,
-        interrupted,
-    };
+    screen.finish_table(&take_sample(now, &api, &scale, &counts, &livekit, &tally).await);
+    let mut summary = tally.summary(&livekit, *counts.borrow(), interrupted);
 
     // Cleanup: the stand-ins' loops, the serve components, the stand-in servers, redis-server.
     shutdown.cancel();
@@ -590,9 +647,7 @@ async fn play(config: &DemoConfig, shutdown: &CancellationToken) -> anyhow::Resu
         Err(error) => anyhow::bail!("the egress pods stand-in panicked: {error}"),
         Ok(Ok(())) => {}
     }
-    if let Some(reason) = stopped_early {
-        anyhow::bail!("{reason}");
-    }
+    anyhow::ensure!(!stopped_early, "the KEDA/HPA stand-in stopped on its own");
     Ok(match summary.failure() {
         None => ExitCode::SUCCESS,
         Some(_) if interrupted => ExitCode::from(130),
@@ -606,12 +661,12 @@ async fn take_sample(
     scale: &watch::Receiver<ScaleState>,
     counts: &watch::Receiver<PodCounts>,
     livekit: &LiveKitServerStandIn,
-    rooms: &HashMap<String, Room>,
+    tally: &Tally,
 ) -> Sample {
     let scale = *scale.borrow();
     let pods = *counts.borrow();
     let started = livekit.started_count();
-    let mut waits = waits(rooms, livekit);
+    let mut waits = waits(&tally.rooms, livekit);
     waits.sort();
     Sample {
         elapsed: now,

@@ -224,10 +224,14 @@ impl Summary {
             ));
         }
         if !self.not_ended.is_empty() {
+            let when = if self.interrupted {
+                String::new()
+            } else {
+                format!(" within {}", seconds(self.deadline))
+            };
             reasons.push(format!(
-                "{} recording(s) not ended within {} ({})",
+                "{} recording(s) not ended{when} ({})",
                 self.not_ended.len(),
-                seconds(self.deadline),
                 short_list(&self.not_ended)
             ));
         }
@@ -349,6 +353,20 @@ mod tests {
             assert!(failure.contains(part), "{failure}");
         }
         assert!(!failure.contains('\n'));
+        let interrupted = Summary {
+            interrupted: true,
+            ..summary.clone()
+        };
+        let failure = interrupted.failure().unwrap();
+        assert!(
+            failure.starts_with("interrupted before the end; "),
+            "{failure}"
+        );
+        assert!(
+            failure.contains("2 recording(s) not ended (room-02"),
+            "{failure}"
+        );
+        assert!(!failure.contains("still running"), "{failure}");
         let text = summary.lines().join("\n");
         assert!(text.contains("lost:             1"), "{text}");
         assert!(text.contains("Result: FAILED: "), "{text}");
