@@ -14,8 +14,9 @@
 //! LiveKit redacts a list of outputs only when it holds exactly one entry (a request may carry
 //! at most one output of each type), and the deprecated single `output` of room composite, web
 //! and track composite requests. Webhook signing keys and proxy passwords are kept, as there.
-//! Like LiveKit's, it is not idempotent for stream keys: compare a listed request with
-//! `redact` of the request as sent, never of a listed one.
+//! Redacting twice gives what redacting once gives: a key already in the `{abc...xyz}` form is
+//! kept (LiveKit would wrap it again, but it only ever redacts a request as sent), so a listed
+//! request may be compared with `redact` of ours whether or not it went through `redact` too.
 
 use livekit_protocol as proto;
 
@@ -256,6 +257,9 @@ pub fn redact_url_query_values(url: &str) -> String {
 /// more, one for 3 or more, none below (LiveKit counts bytes; so does this, on a character
 /// boundary).
 fn redact_identifier(identifier: &str) -> String {
+    if is_redacted_identifier(identifier) {
+        return identifier.to_owned();
+    }
     let bytes = identifier.as_bytes();
     let keep = (1..=3)
         .rev()
@@ -264,6 +268,20 @@ fn redact_identifier(identifier: &str) -> String {
     let prefix = String::from_utf8_lossy(&bytes[..keep]);
     let suffix = String::from_utf8_lossy(&bytes[bytes.len() - keep..]);
     format!("{{{prefix}...{suffix}}}")
+}
+
+/// `{...}`, `{a...b}`, `{ab...yz}` or `{abc...xyz}`: what [`redact_identifier`] gives.
+fn is_redacted_identifier(identifier: &str) -> bool {
+    let Some(inner) = identifier
+        .strip_prefix('{')
+        .and_then(|rest| rest.strip_suffix('}'))
+    else {
+        return false;
+    };
+    let Some((prefix, suffix)) = inner.split_once("...") else {
+        return false;
+    };
+    prefix.len() == suffix.len() && prefix.len() <= 3
 }
 
 #[cfg(test)]
@@ -451,6 +469,7 @@ mod tests {
         ];
         for (url, expected) in cases {
             assert_eq!(redact_stream_url(url), expected, "{url}");
+            assert_eq!(redact_stream_url(expected), expected, "twice: {url}");
         }
     }
 
