@@ -282,7 +282,9 @@ impl<'a, A: EgressApi> Term<'a, A> {
     /// Sleeps until `wake`, a finished task (returned), shutdown, or a change of the queue or
     /// the fleet when `on_change`.
     async fn wait(&mut self, wake: Wake, shutdown: &CancellationToken) -> Option<Done> {
-        let until = wake.until.min(Instant::now() + self.d.options.poll_interval);
+        let until = wake
+            .until
+            .min(Instant::now() + self.d.options.poll_interval);
         let queue = &self.d.queue;
         let events = &mut self.events;
         let views = &mut self.views;
@@ -508,8 +510,7 @@ impl<'a, A: EgressApi> Term<'a, A> {
                 let id = attempt.ticket.id.clone();
                 self.in_flight.remove(&id);
                 let result = self.answered(&attempt, sent).await;
-                if matches!(result, Err(StepError::Queue(_))) && !self.unsettled.contains_key(&id)
-                {
+                if matches!(result, Err(StepError::Queue(_))) && !self.unsettled.contains_key(&id) {
                     // The answer could not be recorded: settle the attempt like a lost answer.
                     self.unsettled.insert(
                         id,
@@ -764,7 +765,12 @@ impl<'a, A: EgressApi> Term<'a, A> {
     /// Whether an egress is recorded for a ticket of any served queue.
     async fn recorded_anywhere(&self, egress_id: &str) -> Result<bool, StepError> {
         for queue in &self.d.served {
-            if self.d.store.recorded_egress(queue, egress_id).await?.is_some()
+            if self
+                .d
+                .store
+                .recorded_egress(queue, egress_id)
+                .await?
+                .is_some()
                 || self
                     .d
                     .store
@@ -857,7 +863,11 @@ impl<'a, A: EgressApi> Term<'a, A> {
     }
 
     /// Records what an attempt of unknown outcome turned out to have started.
-    async fn adopt(&mut self, attempt: &Attempt, info: &proto::EgressInfo) -> Result<(), StepError> {
+    async fn adopt(
+        &mut self,
+        attempt: &Attempt,
+        info: &proto::EgressInfo,
+    ) -> Result<(), StepError> {
         self.fault(FaultPoint::BeforeAdopt)?;
         let id = &attempt.ticket.id;
         match found_status(info) {
@@ -888,7 +898,12 @@ impl<'a, A: EgressApi> Term<'a, A> {
                 let error = egress_error(info);
                 if self
                     .fenced
-                    .finish(id, &Finish::Failed(error.clone()), Some(&info.egress_id), now_ms())
+                    .finish(
+                        id,
+                        &Finish::Failed(error.clone()),
+                        Some(&info.egress_id),
+                        now_ms(),
+                    )
                     .await?
                 {
                     tracing::warn!(queue = %self.d.queue, ticket = %id, egress_id = %info.egress_id, error, "The egress of an attempt failed; kept as a dead letter.");
@@ -956,9 +971,8 @@ impl<'a, A: EgressApi> Term<'a, A> {
         self.reconciling = true;
         let api = Arc::clone(&self.d.api);
         let queue = self.d.queue.clone();
-        self.tasks.spawn(async move {
-            Done::Reconcile(check_active(&*api, &queue, tickets).await)
-        });
+        self.tasks
+            .spawn(async move { Done::Reconcile(check_active(&*api, &queue, tickets).await) });
         Ok(())
     }
 
@@ -1084,7 +1098,10 @@ async fn check_active<A: EgressApi>(
     }
     let mut found = Vec::new();
     for (room, tickets) in by_room {
-        let listed = match api.list_egress(&ListFilter::Room(room.clone()), false).await {
+        let listed = match api
+            .list_egress(&ListFilter::Room(room.clone()), false)
+            .await
+        {
             Ok(listed) => listed,
             Err(error) => {
                 tracing::warn!(%queue, room = ?room, %error, "ListEgress failed; active tickets not checked.");
