@@ -77,7 +77,7 @@ struct Unsettled {
 /// What a start call task reports.
 #[derive(Debug)]
 enum Sent {
-    Answered(Result<proto::EgressInfo, EgressApiError>),
+    Answered(Box<Result<proto::EgressInfo, EgressApiError>>),
     /// Not sent: the lease guard found too little time.
     Withheld(&'static str),
     Crashed(FaultPoint),
@@ -108,7 +108,7 @@ enum Done {
     Stop {
         ticket: TicketId,
         egress_id: String,
-        result: Result<proto::EgressInfo, EgressApiError>,
+        result: Result<(), EgressApiError>,
     },
 }
 
@@ -546,13 +546,15 @@ impl<'a, A: EgressApi> Term<'a, A> {
                 tracing::warn!(queue = %self.d.queue, ticket = %ticket.id, reason = why, "Start not sent; the ticket goes back to its place.");
                 return self.not_started(attempt, false).await;
             }
-            Sent::Answered(Ok(info)) => {
-                self.fault(FaultPoint::AfterCall)?;
-                return self
-                    .record_start(attempt, &info, DispatchOutcome::started)
-                    .await;
-            }
-            Sent::Answered(Err(error)) => error,
+            Sent::Answered(answer) => match *answer {
+                Ok(info) => {
+                    self.fault(FaultPoint::AfterCall)?;
+                    return self
+                        .record_start(attempt, &info, DispatchOutcome::started)
+                        .await;
+                }
+                Err(error) => error,
+            },
         };
         self.fault(FaultPoint::AfterCall)?;
         let failure = error.start_failure();
@@ -924,7 +926,7 @@ impl<'a, A: EgressApi> Term<'a, A> {
         let ticket = id.clone();
         let egress_id = egress_id.to_owned();
         self.tasks.spawn(async move {
-            let result = api.stop_egress(&egress_id).await;
+            let result = api.stop_egress(&egress_id).await.map(drop);
             Done::Stop {
                 ticket,
                 egress_id,
@@ -937,7 +939,7 @@ impl<'a, A: EgressApi> Term<'a, A> {
         &mut self,
         id: &TicketId,
         egress_id: &str,
-        result: Result<proto::EgressInfo, EgressApiError>,
+        result: Result<(), EgressApiError>,
     ) -> Result<(), StepError> {
         self.stopping.remove(id);
         match result {
@@ -1078,7 +1080,7 @@ async fn call<A: EgressApi>(
     }
     let held_until = *lease_held_until.borrow();
     match guard.limit(Instant::now(), held_until) {
-        Ok(limit) => Sent::Answered(api.start(request, limit).await),
+        Ok(limit) => Sent::Answered(Box::new(api.start(request, limit).await)),
         Err(why) => Sent::Withheld(why),
     }
 }
