@@ -15,7 +15,7 @@ use crate::dispatch::Order;
 use crate::egress_request::StartRequest;
 use crate::fleet::{FleetConfigError, FleetOptions, FleetSource};
 use crate::model::{EgressKind, Settings, cores_to_millicores};
-use crate::queue::QueueName;
+use crate::queue::{QueueName, ServedQueues};
 use crate::tls::TlsSettings;
 use crate::webhook::AutoRecord;
 
@@ -107,9 +107,9 @@ pub struct ServeArgs {
     /// Upper clamp of desired replicas [default: 100].
     #[arg(long, env = "EGRESS_SCALER_MAX_REPLICAS")]
     pub max_replicas: Option<u32>,
-    /// Default queue name [default: default].
-    #[arg(long, env = "EGRESS_SCALER_QUEUE")]
-    pub queue: Option<String>,
+    /// A queue this process serves (repeatable); the first is the default [default: default].
+    #[arg(long, env = "EGRESS_SCALER_QUEUE", value_delimiter = ',')]
+    pub queue: Vec<String>,
     /// livekit-server URL for the dispatcher (dispatcher off without it).
     #[arg(long, env = "LIVEKIT_URL")]
     pub livekit_url: Option<String>,
@@ -505,7 +505,7 @@ struct FileConfig {
     warm_pool: Option<u32>,
     min_replicas: Option<u32>,
     max_replicas: Option<u32>,
-    queue: Option<String>,
+    queue: Option<QueueList>,
     livekit_url: Option<String>,
     fleet_refresh_seconds: Option<f64>,
     scrape_timeout_seconds: Option<f64>,
@@ -519,6 +519,14 @@ struct FileConfig {
     auto_record: Option<String>,
     auto_record_rooms: Option<String>,
     auto_record_template: Option<PathBuf>,
+}
+
+/// `queue` in the `--config` file: one name, or a list of them.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum QueueList {
+    One(String),
+    Many(Vec<String>),
 }
 
 /// LiveKit API key and secret (from the environment only, never flags).
@@ -554,8 +562,8 @@ pub struct ServeConfig {
     pub fleet_options: FleetOptions,
     /// Replica model settings (process defaults; trigger metadata may override some).
     pub settings: Settings,
-    /// Queue used when a request or trigger names none.
-    pub default_queue: QueueName,
+    /// The queues served; the first is used when a request or trigger names none.
+    pub queues: ServedQueues,
     /// livekit-server URL, when the dispatcher should run.
     pub livekit_url: Option<String>,
     /// API credentials: HTTP API auth, webhook verification and the dispatcher's Twirp calls.
@@ -690,13 +698,22 @@ impl ServeArgs {
             ));
         }
 
-        let queue = self
-            .queue
-            .or(file.queue)
-            .unwrap_or_else(|| "default".to_owned());
-        let default_queue = queue
-            .parse::<QueueName>()
+        let queue_names = if !self.queue.is_empty() {
+            self.queue
+        } else {
+            match file.queue {
+                Some(QueueList::One(name)) => vec![name],
+                Some(QueueList::Many(names)) => names,
+                None => vec!["default".to_owned()],
+            }
+        };
+        let queues = queue_names
+            .iter()
+            .map(|name| name.trim().parse::<QueueName>())
+            .collect::<Result<Vec<_>, _>>()
             .map_err(|error| invalid("--queue", error.to_string()))?;
+        let queues =
+            ServedQueues::new(queues).map_err(|error| invalid("--queue", error.to_string()))?;
 
         let livekit_url = self.livekit_url.or(file.livekit_url);
         if let Some(url) = &livekit_url {
@@ -787,7 +804,7 @@ impl ServeArgs {
             fleet_source,
             fleet_options,
             settings,
-            default_queue,
+            queues,
             livekit_url,
             credentials,
             grpc_tls,
@@ -1047,7 +1064,7 @@ mod tests {
         assert_eq!(config.grpc_listen.to_string(), "0.0.0.0:9090");
         assert_eq!(config.http_listen.to_string(), "0.0.0.0:8080");
         assert_eq!(config.settings, Settings::default());
-        assert_eq!(config.default_queue.as_str(), "default");
+        assert_eq!(config.queues.to_string(), "default");
         assert!(matches!(config.fleet_source, FleetSource::None));
         assert!(config.credentials.is_none());
         assert!(config.grpc_tls.is_none());
@@ -1100,7 +1117,7 @@ mod tests {
 
     #[test]
     fn bad_values_name_their_setting() {
-        let cases: [(&[&str], &str); 7] = [
+        let cases: [(&[&str], &str); 9] = [
             (&["--cost", "video=4"], "--cost"),
             (&["--cost", "track"], "--cost"),
             (&["--max-cpu-utilization", "1.5"], "--max-cpu-utilization"),
@@ -1109,6 +1126,8 @@ mod tests {
                 "--max-replicas",
             ),
             (&["--queue", "a b"], "--queue"),
+            (&["--queue", "a", "--queue", "a"], "--queue"),
+            (&["--queue", "a,"], "--queue"),
             (&["--redis-url", "http://x"], "--redis-url"),
             (&["--egress-dns", "egress"], "--egress-dns"),
         ];
@@ -1116,6 +1135,15 @@ mod tests {
             let error = resolve(args, &[]).unwrap_err();
             assert_eq!(error.setting, setting, "{args:?}: {error}");
         }
+    }
+
+    #[test]
+    fn queue_is_repeatable_or_comma_separated_and_the_first_is_the_default() {
+        let config = resolve(&["--queue", "rec", "--queue", "web"], &[]).unwrap();
+        assert_eq!(config.queues.default_queue().as_str(), "rec");
+        assert_eq!(config.queues.to_string(), "rec, web");
+        let config = resolve(&["--queue", "web,rec"], &[]).unwrap();
+        assert_eq!(config.queues.to_string(), "web, rec");
     }
 
     #[test]
@@ -1314,8 +1342,11 @@ mod tests {
         let config = resolve(&["--config", path_str, "--max-replicas", "9"], &[]).unwrap();
         assert_eq!(config.settings.warm_pool, 3);
         assert_eq!(config.settings.max_replicas, 9);
-        assert_eq!(config.default_queue.as_str(), "rec");
+        assert_eq!(config.queues.to_string(), "rec");
         assert_eq!(config.settings.costs.cost(EgressKind::Track), 1000);
+        std::fs::write(&path, "queue = [\"rec\", \"web\"]\n").unwrap();
+        let config = resolve(&["--config", path_str], &[]).unwrap();
+        assert_eq!(config.queues.to_string(), "rec, web");
         std::fs::write(&path, "warm_pol = 3\n").unwrap();
         let error = resolve(&["--config", path_str], &[]).unwrap_err();
         assert_eq!(error.setting, "--config");

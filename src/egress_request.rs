@@ -103,7 +103,10 @@ fn check_identifier(kind: EgressKind, field: &str, value: &str) -> Result<(), In
 
 /// A URL: absolute, one of `schemes`, no whitespace or control character.
 fn check_url(field: &str, value: &str, schemes: &[&str]) -> Result<(), InvalidRequest> {
-    if value.chars().any(|c| c.is_whitespace() || is_line_breaking(c)) {
+    if value
+        .chars()
+        .any(|c| c.is_whitespace() || is_line_breaking(c))
+    {
         return Err(InvalidRequest(format!(
             "{field} {value:?} contains whitespace or a control character"
         )));
@@ -141,7 +144,11 @@ fn check_stream_outputs<'a>(
                         .chars()
                         .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'))
             });
-            if !scheme_ok || url.chars().any(|c| c.is_whitespace() || is_line_breaking(c)) {
+            if !scheme_ok
+                || url
+                    .chars()
+                    .any(|c| c.is_whitespace() || is_line_breaking(c))
+            {
                 return Err(InvalidRequest(format!(
                     "request stream output url {url:?} must be scheme://address without whitespace"
                 )));
@@ -220,7 +227,10 @@ impl<'de> de::Deserializer<'de> for Strict<'de> {
                 let value = visitor.visit_seq(&mut seq)?;
                 match seq.items.len() {
                     0 => Ok(value),
-                    left => Err(de::Error::invalid_length(items.len() - left, &"fewer items")),
+                    left => Err(de::Error::invalid_length(
+                        items.len() - left,
+                        &"fewer items",
+                    )),
                 }
             }
             Value::Object(map) => visitor.visit_map(StrictMap {
@@ -429,8 +439,7 @@ impl StartRequest {
                 StartRequest::Participant(parsed)
             }
             EgressKind::TrackComposite => {
-                let mut parsed: proto::TrackCompositeEgressRequest =
-                    decode_strict(kind, &request)?;
+                let mut parsed: proto::TrackCompositeEgressRequest = decode_strict(kind, &request)?;
                 check_room(&mut parsed.room_name)?;
                 if parsed.audio_track_id.is_empty() && parsed.video_track_id.is_empty() {
                     return Err(field_error(
@@ -459,8 +468,7 @@ impl StartRequest {
                 let mut parsed: proto::TrackEgressRequest = decode_strict(kind, &request)?;
                 check_room(&mut parsed.room_name)?;
                 check_identifier(kind, "request.track_id", &parsed.track_id)?;
-                if let Some(proto::track_egress_request::Output::WebsocketUrl(url)) =
-                    &parsed.output
+                if let Some(proto::track_egress_request::Output::WebsocketUrl(url)) = &parsed.output
                 {
                     check_url("request.websocket_url", url, &["ws", "wss"])?;
                 }
@@ -698,7 +706,10 @@ mod tests {
             Some(json!({"fileOutputs": [{"filepath": "x.mp4", "filepth": "y"}]})),
         )
         .unwrap_err();
-        assert!(error.0.contains("request.fileOutputs[0].filepth"), "{error}");
+        assert!(
+            error.0.contains("request.fileOutputs[0].filepth"),
+            "{error}"
+        );
         let error = StartRequest::parse(
             EgressKind::Track,
             "a",
@@ -706,7 +717,9 @@ mod tests {
         )
         .unwrap_err();
         assert!(
-            error.0.contains("request.file.bogus, request.x are not fields"),
+            error
+                .0
+                .contains("request.file.bogus, request.x are not fields"),
             "{error}"
         );
         // Both spellings protobuf JSON allows, enums by name or number, nested outputs,
@@ -729,7 +742,10 @@ mod tests {
             Some(serde_json::from_str(&parsed.to_json()).unwrap()),
         )
         .unwrap();
-        assert_eq!(parsed, again, "the stored form parses back to the same request");
+        assert_eq!(
+            parsed, again,
+            "the stored form parses back to the same request"
+        );
     }
 
     #[test]
@@ -751,7 +767,12 @@ mod tests {
             let error = StartRequest::parse(EgressKind::RoomComposite, bad, None).unwrap_err();
             assert!(error.0.contains("room_name"), "{bad:?}: {error}");
         }
-        for good in ["board", "team a", "équipe-7", &"x".repeat(MAX_ROOM_NAME_BYTES)] {
+        for good in [
+            "board",
+            "team a",
+            "équipe-7",
+            &"x".repeat(MAX_ROOM_NAME_BYTES),
+        ] {
             assert!(
                 StartRequest::parse(EgressKind::RoomComposite, good, None).is_ok(),
                 "{good:?}"
@@ -766,12 +787,36 @@ mod tests {
             assert!(error.0.contains(field), "{request}: {error}");
         };
         refused(EgressKind::Web, json!({"url": ""}), "request.url");
-        refused(EgressKind::Web, json!({"url": "file:///etc/passwd"}), "request.url");
-        refused(EgressKind::Web, json!({"url": "example.com/page"}), "request.url");
-        refused(EgressKind::AudioWeb, json!({"url": "https://a b"}), "request.url");
-        refused(EgressKind::Participant, json!({"identity": ""}), "request.identity");
-        refused(EgressKind::Participant, json!({"identity": "b\nob"}), "request.identity");
-        refused(EgressKind::Track, json!({"trackId": ""}), "request.track_id");
+        refused(
+            EgressKind::Web,
+            json!({"url": "file:///etc/passwd"}),
+            "request.url",
+        );
+        refused(
+            EgressKind::Web,
+            json!({"url": "example.com/page"}),
+            "request.url",
+        );
+        refused(
+            EgressKind::AudioWeb,
+            json!({"url": "https://a b"}),
+            "request.url",
+        );
+        refused(
+            EgressKind::Participant,
+            json!({"identity": ""}),
+            "request.identity",
+        );
+        refused(
+            EgressKind::Participant,
+            json!({"identity": "b\nob"}),
+            "request.identity",
+        );
+        refused(
+            EgressKind::Track,
+            json!({"trackId": ""}),
+            "request.track_id",
+        );
         refused(
             EgressKind::Track,
             json!({"trackId": "TR_1", "websocketUrl": "http://h/x"}),
@@ -823,25 +868,33 @@ mod tests {
     #[test]
     fn the_key_follows_what_is_recorded() {
         let participant = |room: &str, who: &str| {
-            parse(
-                EgressKind::Participant,
-                room,
-                json!({ "identity": who }),
-            )
-            .dedup_key()
+            parse(EgressKind::Participant, room, json!({ "identity": who })).dedup_key()
         };
         assert_eq!(participant("standup", "bob"), "participant:standup:bob");
-        assert_ne!(participant("standup", "bob"), participant("standup", "alice"));
+        assert_ne!(
+            participant("standup", "bob"),
+            participant("standup", "alice")
+        );
         // ':' inside a part cannot move the boundary between room and identity.
         assert_ne!(participant("a:b", "c"), participant("a", "b:c"));
         assert_ne!(participant("a%3Ab", "c"), participant("a:b", "c"));
         assert_eq!(
-            parse(EgressKind::RoomComposite, "standup", json!({"layout": "grid"})).dedup_key(),
+            parse(
+                EgressKind::RoomComposite,
+                "standup",
+                json!({"layout": "grid"})
+            )
+            .dedup_key(),
             "room_composite:standup",
             "the layout is not part of what is recorded"
         );
         assert_eq!(
-            parse(EgressKind::AudioWeb, "r", json!({"url": "https://x.test/a"})).dedup_key(),
+            parse(
+                EgressKind::AudioWeb,
+                "r",
+                json!({"url": "https://x.test/a"})
+            )
+            .dedup_key(),
             "audio_web:https://x.test/a"
         );
         assert_eq!(
