@@ -582,12 +582,12 @@ pub async fn build_status(state: &AppState) -> Result<StatusAnswer, QueueError> 
     let (fleet, view) = fleet_status(&state.fleet);
     let now = now_ms();
     let mut answer = Vec::with_capacity(state.queues.iter().len());
-    for queue in state.queues.iter().cloned() {
-        let stats = state.store.stats(&queue).await?;
-        state.metrics.record_queue(&queue, &stats, now);
+    for queue in &state.queues {
+        let stats = state.store.stats(queue).await?;
+        state.metrics.record_queue(queue, &stats, now);
         let recent_dead_letters = state
             .store
-            .dead_letters(&queue, RECENT_DEAD_LETTERS)
+            .dead_letters(queue, RECENT_DEAD_LETTERS)
             .await?
             .into_iter()
             .map(|ticket| DeadLetter {
@@ -598,7 +598,7 @@ pub async fn build_status(state: &AppState) -> Result<StatusAnswer, QueueError> 
                 failed_at: ticket.ended_at_ms.map(rfc3339),
             })
             .collect();
-        let leader = read_leader(&state.store, &queue)
+        let leader = read_leader(&state.store, queue)
             .await?
             .map(|info| LeaderStatus::new(info, now));
         let decision: Option<Decision> = view
