@@ -311,9 +311,9 @@ async fn enqueue(State(state): State<AppState>, body: Result<Bytes, BytesRejecti
                 StatusCode::CONFLICT,
                 "already_exists",
                 format!(
-                    "ticket {} ({}) holds this de-duplication key with a different request; \
-                     it is a different recording, so give it its own dedup_key, or cancel the \
-                     ticket first",
+                    "ticket {} ({}) already holds this recording's de-duplication key with a \
+                     different request; cancel it first to change the request, or give a \
+                     different recording its own dedup_key",
                     enqueued.ticket, enqueued.state
                 ),
             )
