@@ -53,6 +53,9 @@ fn spawn_server(redis_url: &str, extra: &[String]) -> anyhow::Result<(Server, u1
             &format!("127.0.0.1:{grpc_port}"),
             "--http-listen",
             &format!("127.0.0.1:{http_port}"),
+            // Only served queues take requests and answer KEDA.
+            "--queue",
+            "bench,load,act",
         ])
         .args(extra)
         .env("RUST_LOG", "warn")
@@ -247,18 +250,20 @@ async fn run() -> anyhow::Result<()> {
     }
     throughputs.sort_by(f64::total_cmp);
 
-    // Activation latency: a fresh queue per round, so each round is an inactive -> active edge.
+    // Activation latency: the queue is emptied after each round (its ticket cancelled), so each
+    // round is an inactive -> active edge.
     let mut activation_samples = Vec::with_capacity(ACTIVATIONS);
     for round in 0..ACTIVATIONS {
-        let queue = format!("act-{round}");
+        let queue = "act";
         let mut stream = grpc
-            .stream_is_active(scaled_object(&queue))
+            .stream_is_active(scaled_object(queue))
             .await?
             .into_inner();
         // Let the stream make its first (inactive) evaluation.
         tokio::time::sleep(Duration::from_millis(5)).await;
         let started = Instant::now();
-        let body = json!({"kind": "room_composite", "room_name": "r", "queue": queue});
+        let body =
+            json!({"kind": "room_composite", "room_name": format!("r-{round}"), "queue": queue});
         let response = http
             .post(format!("{base}/v1/requests"))
             .json(&body)
@@ -268,6 +273,16 @@ async fn run() -> anyhow::Result<()> {
         let message = tokio::time::timeout(Duration::from_secs(5), stream.message()).await??;
         anyhow::ensure!(message.map(|m| m.result) == Some(true), "no activation");
         activation_samples.push(started.elapsed());
+        let answer: serde_json::Value = response.json().await?;
+        let ticket = answer["ticket"].as_str().unwrap_or_default();
+        let cancelled = http
+            .delete(format!("{base}/v1/requests/{ticket}"))
+            .send()
+            .await?;
+        anyhow::ensure!(
+            cancelled.status().is_success(),
+            "ticket {ticket} not cancelled"
+        );
     }
 
     // GetMetrics while the fleet refreshes, next to the same fleet not refreshing.

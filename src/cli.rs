@@ -291,6 +291,13 @@ pub fn render_status(status: &StatusAnswer) -> String {
             }
         }
     }
+    if !status.other_queues.is_empty() {
+        let _ = writeln!(
+            out,
+            "\nqueues in Redis not served here: {}",
+            status.other_queues.join(", ")
+        );
+    }
     let fleet = &status.fleet;
     let states = fleet
         .pods_by_state

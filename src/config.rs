@@ -11,11 +11,12 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde::Deserialize;
 
-use crate::dispatch::Order;
+use crate::dispatch::livekit::DEFAULT_REQUEST_TIMEOUT;
+use crate::dispatch::{DispatchOptions, Order};
 use crate::egress_request::StartRequest;
 use crate::fleet::{FleetConfigError, FleetOptions, FleetSource};
 use crate::model::{EgressKind, Settings, cores_to_millicores};
-use crate::queue::QueueName;
+use crate::queue::{QueueName, ServedQueues};
 use crate::tls::TlsSettings;
 use crate::webhook::AutoRecord;
 
@@ -107,9 +108,9 @@ pub struct ServeArgs {
     /// Upper clamp of desired replicas [default: 100].
     #[arg(long, env = "EGRESS_SCALER_MAX_REPLICAS")]
     pub max_replicas: Option<u32>,
-    /// Default queue name [default: default].
-    #[arg(long, env = "EGRESS_SCALER_QUEUE")]
-    pub queue: Option<String>,
+    /// A queue this process serves (repeatable); the first is the default [default: default].
+    #[arg(long, env = "EGRESS_SCALER_QUEUE", value_delimiter = ',')]
+    pub queue: Vec<String>,
     /// livekit-server URL for the dispatcher (dispatcher off without it).
     #[arg(long, env = "LIVEKIT_URL")]
     pub livekit_url: Option<String>,
@@ -143,6 +144,9 @@ pub struct ServeArgs {
     /// ticket fails, seconds [default: 60].
     #[arg(long, env = "EGRESS_SCALER_NOT_FOUND_RETRY_SECONDS")]
     pub not_found_retry_seconds: Option<f64>,
+    /// Start calls to livekit-server in flight at once, per queue [default: 64].
+    #[arg(long, env = "EGRESS_SCALER_MAX_IN_FLIGHT")]
+    pub max_in_flight: Option<u32>,
     /// Queue an egress of this kind for every room_started webhook.
     #[arg(long, value_name = "KIND", env = "EGRESS_SCALER_AUTO_RECORD")]
     pub auto_record: Option<EgressKind>,
@@ -505,7 +509,7 @@ struct FileConfig {
     warm_pool: Option<u32>,
     min_replicas: Option<u32>,
     max_replicas: Option<u32>,
-    queue: Option<String>,
+    queue: Option<QueueList>,
     livekit_url: Option<String>,
     fleet_refresh_seconds: Option<f64>,
     scrape_timeout_seconds: Option<f64>,
@@ -516,9 +520,18 @@ struct FileConfig {
     order: Option<Order>,
     lease_seconds: Option<f64>,
     not_found_retry_seconds: Option<f64>,
+    max_in_flight: Option<u32>,
     auto_record: Option<String>,
     auto_record_rooms: Option<String>,
     auto_record_template: Option<PathBuf>,
+}
+
+/// `queue` in the `--config` file: one name, or a list of them.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum QueueList {
+    One(String),
+    Many(Vec<String>),
 }
 
 /// LiveKit API key and secret (from the environment only, never flags).
@@ -554,8 +567,8 @@ pub struct ServeConfig {
     pub fleet_options: FleetOptions,
     /// Replica model settings (process defaults; trigger metadata may override some).
     pub settings: Settings,
-    /// Queue used when a request or trigger names none.
-    pub default_queue: QueueName,
+    /// The queues served; the first is used when a request or trigger names none.
+    pub queues: ServedQueues,
     /// livekit-server URL, when the dispatcher should run.
     pub livekit_url: Option<String>,
     /// API credentials: HTTP API auth, webhook verification and the dispatcher's Twirp calls.
@@ -568,6 +581,11 @@ pub struct ServeConfig {
     pub lease: Duration,
     /// How long a start answered `not_found` is retried.
     pub not_found_retry: Duration,
+    /// Start calls in flight at once, per queue.
+    pub max_in_flight: usize,
+    /// Limit on one call to livekit-server (no flag: above its 18-27 s no-capacity answer;
+    /// tests shorten it).
+    pub livekit_call_timeout: Duration,
     /// Recording of every new room, from `room_started` webhooks.
     pub auto_record: Option<AutoRecord>,
     /// This process's name in the dispatcher lease (`HOSTNAME`, the pod name in Kubernetes).
@@ -576,6 +594,9 @@ pub struct ServeConfig {
     /// dispatcher counts its own starts that long.
     pub prometheus_lag: Duration,
 }
+
+/// The most start calls in flight per queue that `--max-in-flight` accepts.
+pub const MAX_IN_FLIGHT: u32 = 1024;
 
 /// How far a Prometheus server's view of the egress pods lags: one scrape interval, at most.
 pub const DEFAULT_PROMETHEUS_LAG: Duration = Duration::from_secs(30);
@@ -690,13 +711,22 @@ impl ServeArgs {
             ));
         }
 
-        let queue = self
-            .queue
-            .or(file.queue)
-            .unwrap_or_else(|| "default".to_owned());
-        let default_queue = queue
-            .parse::<QueueName>()
+        let queue_names = if !self.queue.is_empty() {
+            self.queue
+        } else {
+            match file.queue {
+                Some(QueueList::One(name)) => vec![name],
+                Some(QueueList::Many(names)) => names,
+                None => vec!["default".to_owned()],
+            }
+        };
+        let queues = queue_names
+            .iter()
+            .map(|name| name.trim().parse::<QueueName>())
+            .collect::<Result<Vec<_>, _>>()
             .map_err(|error| invalid("--queue", error.to_string()))?;
+        let queues =
+            ServedQueues::new(queues).map_err(|error| invalid("--queue", error.to_string()))?;
 
         let livekit_url = self.livekit_url.or(file.livekit_url);
         if let Some(url) = &livekit_url {
@@ -760,6 +790,16 @@ impl ServeArgs {
             Some(seconds) => positive_seconds("--not-found-retry-seconds", seconds)?,
             None => Duration::from_secs(60),
         };
+        let max_in_flight = match self.max_in_flight.or(file.max_in_flight) {
+            Some(calls @ 1..=MAX_IN_FLIGHT) => calls as usize,
+            Some(calls) => {
+                return Err(invalid(
+                    "--max-in-flight",
+                    format!("{calls} is not between 1 and {MAX_IN_FLIGHT}"),
+                ));
+            }
+            None => DispatchOptions::default().max_in_flight,
+        };
         let auto_record_kind = match self.auto_record {
             Some(kind) => Some(kind),
             None => file
@@ -787,13 +827,15 @@ impl ServeArgs {
             fleet_source,
             fleet_options,
             settings,
-            default_queue,
+            queues,
             livekit_url,
             credentials,
             grpc_tls,
             order,
             lease,
             not_found_retry,
+            max_in_flight,
+            livekit_call_timeout: DEFAULT_REQUEST_TIMEOUT,
             auto_record,
             holder_name,
             prometheus_lag: DEFAULT_PROMETHEUS_LAG,
@@ -1047,7 +1089,7 @@ mod tests {
         assert_eq!(config.grpc_listen.to_string(), "0.0.0.0:9090");
         assert_eq!(config.http_listen.to_string(), "0.0.0.0:8080");
         assert_eq!(config.settings, Settings::default());
-        assert_eq!(config.default_queue.as_str(), "default");
+        assert_eq!(config.queues.to_string(), "default");
         assert!(matches!(config.fleet_source, FleetSource::None));
         assert!(config.credentials.is_none());
         assert!(config.grpc_tls.is_none());
@@ -1100,7 +1142,7 @@ mod tests {
 
     #[test]
     fn bad_values_name_their_setting() {
-        let cases: [(&[&str], &str); 7] = [
+        let cases: [(&[&str], &str); 9] = [
             (&["--cost", "video=4"], "--cost"),
             (&["--cost", "track"], "--cost"),
             (&["--max-cpu-utilization", "1.5"], "--max-cpu-utilization"),
@@ -1109,6 +1151,8 @@ mod tests {
                 "--max-replicas",
             ),
             (&["--queue", "a b"], "--queue"),
+            (&["--queue", "a", "--queue", "a"], "--queue"),
+            (&["--queue", "a,"], "--queue"),
             (&["--redis-url", "http://x"], "--redis-url"),
             (&["--egress-dns", "egress"], "--egress-dns"),
         ];
@@ -1116,6 +1160,15 @@ mod tests {
             let error = resolve(args, &[]).unwrap_err();
             assert_eq!(error.setting, setting, "{args:?}: {error}");
         }
+    }
+
+    #[test]
+    fn queue_is_repeatable_or_comma_separated_and_the_first_is_the_default() {
+        let config = resolve(&["--queue", "rec", "--queue", "web"], &[]).unwrap();
+        assert_eq!(config.queues.default_queue().as_str(), "rec");
+        assert_eq!(config.queues.to_string(), "rec, web");
+        let config = resolve(&["--queue", "web,rec"], &[]).unwrap();
+        assert_eq!(config.queues.to_string(), "web, rec");
     }
 
     #[test]
@@ -1314,8 +1367,11 @@ mod tests {
         let config = resolve(&["--config", path_str, "--max-replicas", "9"], &[]).unwrap();
         assert_eq!(config.settings.warm_pool, 3);
         assert_eq!(config.settings.max_replicas, 9);
-        assert_eq!(config.default_queue.as_str(), "rec");
+        assert_eq!(config.queues.to_string(), "rec");
         assert_eq!(config.settings.costs.cost(EgressKind::Track), 1000);
+        std::fs::write(&path, "queue = [\"rec\", \"web\"]\n").unwrap();
+        let config = resolve(&["--config", path_str], &[]).unwrap();
+        assert_eq!(config.queues.to_string(), "rec, web");
         std::fs::write(&path, "warm_pol = 3\n").unwrap();
         let error = resolve(&["--config", path_str], &[]).unwrap_err();
         assert_eq!(error.setting, "--config");

@@ -21,11 +21,12 @@ use serde_json::{Value, json};
 
 use crate::config::ApiCredentials;
 use crate::dispatch::lease::{LeaderInfo, read_leader};
-use crate::egress_request::StartRequest;
+use crate::egress_request::{StartRequest, is_line_breaking};
 use crate::fleet::{Fleet, FleetView};
 use crate::model::{Decision, EgressKind, PodState, Settings, decide};
 use crate::queue::{
-    CancelOutcome, NewRequest, QueueError, QueueName, QueueStore, Ticket, TicketId, TicketState,
+    CancelOutcome, NewRequest, QueueError, QueueName, QueueStore, ServedQueues, Ticket, TicketId,
+    TicketState,
 };
 use crate::telemetry::{DispatchMetrics, EnqueueLabels, EnqueueOutcome, Metrics};
 use crate::webhook::{self, MAX_WEBHOOK_BYTES, Webhooks};
@@ -42,8 +43,8 @@ pub struct AppState {
     pub fleet: Fleet,
     /// Process settings of the replica model.
     pub settings: Settings,
-    /// Queue used when a request names none.
-    pub default_queue: QueueName,
+    /// The queues served; the first is used when a request names none.
+    pub queues: ServedQueues,
     /// Token verification, when credentials are configured.
     pub verifier: Option<Arc<TokenVerifier>>,
     /// Own metrics.
@@ -89,12 +90,14 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-/// A JSON error answer: `{"error": code, "message": text}`.
+/// A JSON error answer: `{"error": code, "message": text}`, and the ticket it is about when
+/// there is one (`ticket`, `state`).
 #[derive(Debug)]
 pub struct ApiError {
     status: StatusCode,
     code: &'static str,
     message: String,
+    ticket: Option<(TicketId, TicketState)>,
 }
 
 impl ApiError {
@@ -103,7 +106,13 @@ impl ApiError {
             status,
             code,
             message: message.into(),
+            ticket: None,
         }
+    }
+
+    fn with_ticket(mut self, ticket: TicketId, state: TicketState) -> Self {
+        self.ticket = Some((ticket, state));
+        self
     }
 
     fn bad_request(message: impl Into<String>) -> Self {
@@ -124,11 +133,12 @@ impl From<QueueError> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (
-            self.status,
-            Json(json!({ "error": self.code, "message": self.message })),
-        )
-            .into_response()
+        let mut body = json!({ "error": self.code, "message": self.message });
+        if let Some((ticket, state)) = self.ticket {
+            body["ticket"] = json!(ticket);
+            body["state"] = json!(state);
+        }
+        (self.status, Json(body)).into_response()
     }
 }
 
@@ -199,9 +209,12 @@ struct ValidEnqueue {
     request: NewRequest,
 }
 
+/// Longest caller-given de-duplication key, in bytes.
+pub const MAX_DEDUP_KEY_BYTES: usize = 512;
+
 fn validate_enqueue(
     body: Result<Bytes, BytesRejection>,
-    default_queue: &QueueName,
+    queues: &ServedQueues,
 ) -> Result<ValidEnqueue, ApiError> {
     let bytes = body.map_err(|rejection| {
         if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
@@ -220,43 +233,46 @@ fn validate_enqueue(
         .kind
         .parse()
         .map_err(|error: crate::model::UnknownKind| ApiError::bad_request(error.to_string()))?;
-    let room_name = body.room_name.trim();
-    if room_name.is_empty() {
-        return Err(ApiError::bad_request("room_name must not be empty"));
+    // Only served queues: a name nobody serves would be a queue nobody dispatches.
+    let queue = queues
+        .resolve(body.queue.as_deref())
+        .map_err(|error| ApiError::bad_request(error.to_string()))?;
+    if let Some(key) = &body.dedup_key {
+        check_dedup_key(key)?;
     }
-    if room_name.len() > 256 {
-        return Err(ApiError::bad_request("room_name is longer than 256 bytes"));
-    }
-    let queue = match body.queue.as_deref() {
-        None => default_queue.clone(),
-        Some(name) => name
-            .parse()
-            .map_err(|error: crate::queue::InvalidQueueName| {
-                ApiError::bad_request(error.to_string())
-            })?,
-    };
-    let dedup_key = match body.dedup_key {
-        Some(key) if key.trim().is_empty() => {
-            return Err(ApiError::bad_request(
-                "dedup_key must not be empty when given",
-            ));
-        }
-        Some(key) if key.len() > 512 => {
-            return Err(ApiError::bad_request("dedup_key is longer than 512 bytes"));
-        }
-        other => other,
-    };
-    let start = StartRequest::parse(kind, room_name, body.request)
+    // The room name is taken exactly as given (never trimmed) or refused.
+    let start = StartRequest::parse(kind, &body.room_name, body.request)
         .map_err(|error| ApiError::bad_request(error.to_string()))?;
     Ok(ValidEnqueue {
         queue,
-        request: NewRequest {
-            kind,
-            room_name: room_name.to_owned(),
-            request: Some(start.to_json()),
-            dedup_key,
-        },
+        request: NewRequest::new(&start, &body.room_name, body.dedup_key),
     })
+}
+
+/// A caller's key is taken exactly: not empty, no whitespace at the ends, no control
+/// character, at most [`MAX_DEDUP_KEY_BYTES`].
+fn check_dedup_key(key: &str) -> Result<(), ApiError> {
+    if key.is_empty() {
+        return Err(ApiError::bad_request(
+            "dedup_key must not be empty when given",
+        ));
+    }
+    if key.len() > MAX_DEDUP_KEY_BYTES {
+        return Err(ApiError::bad_request(format!(
+            "dedup_key is longer than {MAX_DEDUP_KEY_BYTES} bytes"
+        )));
+    }
+    if key.starts_with(char::is_whitespace) || key.ends_with(char::is_whitespace) {
+        return Err(ApiError::bad_request(format!(
+            "dedup_key {key:?} starts or ends with whitespace"
+        )));
+    }
+    if key.chars().any(is_line_breaking) {
+        return Err(ApiError::bad_request(format!(
+            "dedup_key {key:?} contains a control character"
+        )));
+    }
+    Ok(())
 }
 
 #[derive(Serialize)]
@@ -277,7 +293,7 @@ async fn enqueue(State(state): State<AppState>, body: Result<Bytes, BytesRejecti
             .get_or_create(&EnqueueLabels { outcome })
             .inc();
     };
-    let valid = match validate_enqueue(body, &state.default_queue) {
+    let valid = match validate_enqueue(body, &state.queues) {
         Ok(valid) => valid,
         Err(error) => {
             count(EnqueueOutcome::rejected);
@@ -289,6 +305,21 @@ async fn enqueue(State(state): State<AppState>, body: Result<Bytes, BytesRejecti
         .enqueue(&valid.queue, valid.request, now_ms())
         .await
     {
+        Ok(enqueued) if enqueued.conflict => {
+            count(EnqueueOutcome::conflict);
+            ApiError::new(
+                StatusCode::CONFLICT,
+                "already_exists",
+                format!(
+                    "ticket {} ({}) already holds this recording's de-duplication key with a \
+                     different request; cancel it first to change the request, or give a \
+                     different recording its own dedup_key",
+                    enqueued.ticket, enqueued.state
+                ),
+            )
+            .with_ticket(enqueued.ticket, enqueued.state)
+            .into_response()
+        }
         Ok(enqueued) => {
             let status = if enqueued.duplicate {
                 count(EnqueueOutcome::duplicate);
@@ -514,8 +545,12 @@ pub struct FleetStatus {
 /// `GET /v1/status`.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct StatusAnswer {
-    /// Queues known to Redis (and the default queue).
+    /// Every served queue, the default first.
     pub queues: Vec<QueueStatus>,
+    /// Queues Redis knows that this process does not serve (another deployment's, or left
+    /// from an earlier configuration), by name only.
+    #[serde(default)]
+    pub other_queues: Vec<String>,
     /// The egress fleet.
     pub fleet: FleetStatus,
 }
@@ -551,22 +586,25 @@ fn fleet_status(fleet: &Fleet) -> (FleetStatus, Option<Arc<FleetView>>) {
     (status, error.is_none().then_some(view))
 }
 
-/// Builds the status of every known queue.
+/// Builds the status of every served queue.
 pub async fn build_status(state: &AppState) -> Result<StatusAnswer, QueueError> {
-    let mut queues = state.store.queues().await?;
-    if !queues.contains(&state.default_queue) {
-        queues.push(state.default_queue.clone());
-    }
-    queues.sort();
+    let other_queues = state
+        .store
+        .queues()
+        .await?
+        .into_iter()
+        .filter(|queue| !state.queues.contains(queue))
+        .map(|queue| queue.to_string())
+        .collect();
     let (fleet, view) = fleet_status(&state.fleet);
     let now = now_ms();
-    let mut answer = Vec::with_capacity(queues.len());
-    for queue in queues {
-        let stats = state.store.stats(&queue).await?;
-        state.metrics.record_queue(&queue, &stats, now);
+    let mut answer = Vec::with_capacity(state.queues.iter().len());
+    for queue in &state.queues {
+        let stats = state.store.stats(queue).await?;
+        state.metrics.record_queue(queue, &stats, now);
         let recent_dead_letters = state
             .store
-            .dead_letters(&queue, RECENT_DEAD_LETTERS)
+            .dead_letters(queue, RECENT_DEAD_LETTERS)
             .await?
             .into_iter()
             .map(|ticket| DeadLetter {
@@ -577,7 +615,7 @@ pub async fn build_status(state: &AppState) -> Result<StatusAnswer, QueueError> 
                 failed_at: ticket.ended_at_ms.map(rfc3339),
             })
             .collect();
-        let leader = read_leader(&state.store, &queue)
+        let leader = read_leader(&state.store, queue)
             .await?
             .map(|info| LeaderStatus::new(info, now));
         let decision: Option<Decision> = view
@@ -610,15 +648,16 @@ pub async fn build_status(state: &AppState) -> Result<StatusAnswer, QueueError> 
     }
     Ok(StatusAnswer {
         queues: answer,
+        other_queues,
         fleet,
     })
 }
 
 async fn record_queue_gauges(state: &AppState) -> Result<(), QueueError> {
     let now = now_ms();
-    for queue in state.store.queues().await? {
-        let stats = state.store.stats(&queue).await?;
-        state.metrics.record_queue(&queue, &stats, now);
+    for queue in &state.queues {
+        let stats = state.store.stats(queue).await?;
+        state.metrics.record_queue(queue, &stats, now);
     }
     Ok(())
 }

@@ -43,7 +43,8 @@
 //! | `egress-scaler:{q}:fence` | STRING | the dispatcher lease's fencing counter (`INCR` on each acquisition, see `dispatch::lease`) |
 //!
 //! Ticket hash fields: `state`, `kind`, `room`, `request` (optional, the LiveKit request
-//! verbatim), `dedup`, `seq` (enqueue sequence number), `enqueued_at`; `attempt` and
+//! verbatim), `dedup`, `digest` (SHA-256 of kind, room and request: what "the same request"
+//! means), `seq` (enqueue sequence number), `enqueued_at`; `attempt` and
 //! `dispatching_at` while dispatching; `last_attempt_at` once an attempt was put back;
 //! `egress_id` and `started_at` once active; `ended_at` once finished; `error` when failed.
 //! Times are milliseconds since the Unix epoch, given by the caller. The counter hashes hold
@@ -65,8 +66,11 @@
 //! | `mark_ended` | active, dispatching | ended |
 //! | `cancel` | queued | cancelled |
 //!
-//! A ticket holds its dedup key (`<kind>:<room name>` unless the caller gives one) until it
-//! ends, fails or is cancelled; enqueueing again meanwhile returns the holder.
+//! A ticket holds its dedup key (the key of what it records, see
+//! [`crate::egress_request::StartRequest::dedup_key`], unless the caller gives one) until it
+//! ends, fails or is cancelled. Enqueueing the same request again meanwhile returns the
+//! holder as a duplicate; a different request under the same key returns the holder as a
+//! conflict (the HTTP API answers 409). Neither changes anything.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -85,7 +89,11 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
+use crate::egress_request::StartRequest;
 use crate::model::{Demand, EgressKind};
+
+mod served;
+pub use served::{InvalidServedQueues, MAX_SERVED_QUEUES, ServedQueues, UnservedQueue};
 
 /// A validated queue name: 1 to 64 of `[A-Za-z0-9_-]`.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
@@ -281,8 +289,56 @@ pub struct NewRequest {
     pub room_name: String,
     /// The LiveKit start request as JSON text, stored verbatim.
     pub request: Option<String>,
-    /// De-duplication key; `<kind>:<room_name>` when absent.
+    /// De-duplication key; when absent, the key of what the request records
+    /// ([`StartRequest::dedup_key`]), or `<kind>:<room_name>` for a request that does not
+    /// parse.
     pub dedup_key: Option<String>,
+}
+
+impl NewRequest {
+    /// The request to enqueue for a validated start request: stored in its normalised form,
+    /// keyed by what it records unless `dedup_key` names another key.
+    pub fn new(start: &StartRequest, room_name: &str, dedup_key: Option<String>) -> Self {
+        NewRequest {
+            kind: start.kind(),
+            room_name: room_name.to_owned(),
+            request: Some(start.to_json()),
+            dedup_key: Some(dedup_key.unwrap_or_else(|| start.dedup_key())),
+        }
+    }
+
+    /// The key the ticket will hold.
+    fn key(&self) -> String {
+        if let Some(key) = &self.dedup_key {
+            return key.clone();
+        }
+        let value = self
+            .request
+            .as_deref()
+            .and_then(|text| serde_json::from_str(text).ok());
+        match StartRequest::parse(self.kind, &self.room_name, value) {
+            Ok(start) => start.dedup_key(),
+            Err(_) => format!("{}:{}", self.kind, self.room_name),
+        }
+    }
+
+    /// What "the same request" compares: kind, room and request body, hashed.
+    fn digest(&self) -> String {
+        use sha2::{Digest, Sha256};
+        let mut hash = Sha256::new();
+        for part in [
+            self.kind.as_str(),
+            &self.room_name,
+            self.request.as_deref().unwrap_or(""),
+        ] {
+            hash.update((part.len() as u64).to_be_bytes());
+            hash.update(part.as_bytes());
+        }
+        hash.finalize()
+            .iter()
+            .map(|byte| format!("{byte:02x}"))
+            .collect()
+    }
 }
 
 /// The answer to an enqueue: the new ticket, or the one already holding the dedup key.
@@ -294,8 +350,11 @@ pub struct Enqueued {
     pub state: TicketState,
     /// 0-based rank in the pending FIFO; `None` when the ticket is not queued.
     pub position: Option<u64>,
-    /// True when an existing ticket was returned and nothing changed.
+    /// True when an existing ticket holding the key was returned and nothing changed.
     pub duplicate: bool,
+    /// True when that ticket's request differs from this one (a different recording asked
+    /// for under the same key); implies `duplicate`.
+    pub conflict: bool,
 }
 
 /// Everything stored about one request.
@@ -840,9 +899,8 @@ impl QueueStore {
         now_ms: u64,
     ) -> Result<Enqueued, QueueError> {
         let ticket = TicketId::generate(queue);
-        let dedup_key = request
-            .dedup_key
-            .unwrap_or_else(|| format!("{}:{}", request.kind, request.room_name));
+        let dedup_key = request.key();
+        let digest = request.digest();
         // A separate command: the set of queues is outside this queue's cluster slot.
         self.query(redis::cmd("SADD").arg(QUEUES_KEY).arg(queue.as_str()))
             .await?;
@@ -856,13 +914,15 @@ impl QueueStore {
             Some(text) => invocation.arg("1").arg(text),
             None => invocation.arg("0").arg(""),
         };
-        let (id, state, rank, duplicate): (String, String, i64, i64) =
+        invocation.arg(&digest);
+        let (id, state, rank, found): (String, String, i64, i64) =
             decode(self.invoke(&invocation).await?, "enqueue reply")?;
         Ok(Enqueued {
             ticket: parse_ticket_id(id)?,
             state: parse_state(&state)?,
             position: u64::try_from(rank).ok(),
-            duplicate: duplicate == 1,
+            duplicate: found != 0,
+            conflict: found == 2,
         })
     }
 

@@ -1,6 +1,8 @@
 //! The KEDA external scaler (DESIGN.md 2.4): gRPC in, replica model out.
 //!
-//! `scalerMetadata` is validated once into a [`Target`]; every answer reads the queue's demand
+//! `scalerMetadata` is validated once into a [`Target`], whose queue must be one this process
+//! serves (`InvalidArgument` otherwise, so no caller can scale on, or add metric series for, a
+//! queue nobody dispatches); every answer reads the queue's demand
 //! counters from Redis (one round trip) and the latest fleet snapshot (no scrape), and runs
 //! [`crate::model::decide`]. When either input is missing the answer is `Unavailable`, so
 //! KEDA keeps the current replica count instead of scaling on a made-up zero.
@@ -17,7 +19,7 @@ use tonic::{Request, Response, Status};
 
 use crate::fleet::Fleet;
 use crate::model::{Decision, Settings, decide};
-use crate::queue::{QueueEvent, QueueName, QueueStore};
+use crate::queue::{QueueEvent, QueueName, QueueStore, ServedQueues};
 use crate::telemetry::{Metrics, RpcMethod};
 
 /// Generated KEDA external scaler types.
@@ -64,7 +66,28 @@ pub struct MetadataError {
 /// `scalerAddress` arrive too and are ignored.
 pub const METADATA_KEYS: [&str; 4] = ["queue", "warmPool", "minReplicas", "maxReplicas"];
 
-/// Parses `scalerMetadata`; unknown keys (KEDA adds its own) are ignored.
+/// Parses `scalerMetadata` for a process serving `served`: as [`parse_metadata`], and the
+/// queue must be served.
+pub fn parse_target(
+    metadata: &HashMap<String, String>,
+    served: &ServedQueues,
+    defaults: &Settings,
+) -> Result<Target, MetadataError> {
+    let target = parse_metadata(metadata, served.default_queue(), defaults)?;
+    if !served.contains(&target.queue) {
+        return Err(MetadataError {
+            key: "queue",
+            reason: format!(
+                "queue {:?} is not served here; the served queues are {served}",
+                target.queue.as_str()
+            ),
+        });
+    }
+    Ok(target)
+}
+
+/// Parses `scalerMetadata`; unknown keys (KEDA adds its own) are ignored. Whether the queue
+/// is served is [`parse_target`]'s check.
 pub fn parse_metadata(
     metadata: &HashMap<String, String>,
     default_queue: &QueueName,
@@ -157,7 +180,7 @@ fn unavailable(error: EvaluateError) -> Status {
 /// The gRPC service.
 pub struct ScalerService {
     evaluator: Evaluator,
-    default_queue: QueueName,
+    queues: ServedQueues,
     defaults: Settings,
     events: broadcast::Sender<QueueEvent>,
     metrics: Arc<Metrics>,
@@ -165,11 +188,11 @@ pub struct ScalerService {
 }
 
 impl ScalerService {
-    /// A service answering with `defaults` unless the trigger overrides them; streams end
-    /// (status OK) when `shutdown` is cancelled.
+    /// A service for the `queues` served, answering with `defaults` unless the trigger
+    /// overrides them; streams end (status OK) when `shutdown` is cancelled.
     pub fn new(
         evaluator: Evaluator,
-        default_queue: QueueName,
+        queues: ServedQueues,
         defaults: Settings,
         events: broadcast::Sender<QueueEvent>,
         metrics: Arc<Metrics>,
@@ -177,7 +200,7 @@ impl ScalerService {
     ) -> Self {
         ScalerService {
             evaluator,
-            default_queue,
+            queues,
             defaults,
             events,
             metrics,
@@ -188,7 +211,7 @@ impl ScalerService {
     fn target(&self, scaled_object: Option<&ScaledObjectRef>) -> Result<Target, Status> {
         let empty = HashMap::new();
         let metadata = scaled_object.map(|r| &r.scaler_metadata).unwrap_or(&empty);
-        parse_metadata(metadata, &self.default_queue, &self.defaults)
+        parse_target(metadata, &self.queues, &self.defaults)
             .map_err(|error| Status::invalid_argument(error.to_string()))
     }
 
@@ -461,5 +484,18 @@ mod tests {
             "maxReplicas"
         );
         assert_eq!(parse(&[("queue", "no spaces")]).unwrap_err().key, "queue");
+    }
+
+    #[test]
+    fn a_queue_not_served_is_refused_naming_it_and_the_served_ones() {
+        let served =
+            ServedQueues::new(vec!["rec".parse().unwrap(), "web".parse().unwrap()]).unwrap();
+        let target = |pairs| parse_target(&metadata(pairs), &served, &Settings::default());
+        assert_eq!(target(&[]).unwrap().queue.as_str(), "rec");
+        assert_eq!(target(&[("queue", "web")]).unwrap().queue.as_str(), "web");
+        let error = target(&[("queue", "made-up")]).unwrap_err();
+        assert_eq!(error.key, "queue");
+        assert!(error.reason.contains("\"made-up\""), "{error}");
+        assert!(error.reason.contains("rec, web"), "{error}");
     }
 }

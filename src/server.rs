@@ -1,6 +1,6 @@
 //! `serve`: wires the queue, fleet observer, KEDA gRPC service, HTTP API, webhook receiver and
-//! (with `--livekit-url`) the dispatcher together, and drains them when the shutdown token is
-//! cancelled.
+//! (with `--livekit-url`) one dispatcher per served queue together, and drains them when the
+//! shutdown token is cancelled.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -16,7 +16,7 @@ use tokio_stream::StreamExt;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::ServeConfig;
-use crate::dispatch::livekit::{DEFAULT_REQUEST_TIMEOUT, TwirpEgressApi};
+use crate::dispatch::livekit::TwirpEgressApi;
 use crate::dispatch::{DispatchOptions, Dispatcher};
 use crate::fleet::{Fleet, FleetMetrics, FleetObserver, FleetSource};
 use crate::intake::{self, AppState};
@@ -125,7 +125,7 @@ pub async fn start(config: ServeConfig, shutdown: CancellationToken) -> anyhow::
         .context("shutdown requested before Redis answered")?;
 
     let mut registry = Registry::default();
-    let metrics = Metrics::new(&mut registry);
+    let metrics = Metrics::new(&mut registry, config.queues.clone());
     let fleet_metrics = FleetMetrics::new(&mut registry);
     let dispatch_metrics = DispatchMetrics::new(&mut registry);
     let registry = Arc::new(registry);
@@ -184,45 +184,54 @@ pub async fn start(config: ServeConfig, shutdown: CancellationToken) -> anyhow::
     }
 
     if let (Some(url), Some(credentials)) = (&config.livekit_url, &config.credentials) {
-        let api = TwirpEgressApi::new(url, credentials.clone(), DEFAULT_REQUEST_TIMEOUT)
-            .context("cannot set up the LiveKit client")?;
-        let options = DispatchOptions {
-            order: config.order,
-            lease: config.lease,
-            settle_after: api.timeout() + Duration::from_secs(5),
-            not_found_retry: config.not_found_retry,
-            reservation_lag,
-            ..DispatchOptions::default()
-        };
         let holder = format!(
             "{}-{}",
             config.holder_name,
             &uuid::Uuid::new_v4().simple().to_string()[..8]
         );
-        let dispatcher = Dispatcher::new(
-            config.default_queue.clone(),
-            store.clone(),
-            fleet.clone(),
-            api,
-            config.settings.clone(),
-            options,
-            holder,
-            events.clone(),
-            Arc::clone(&dispatch_metrics),
-        );
-        let token = shutdown.clone();
-        tasks.spawn(async move {
-            dispatcher
-                .run(token)
-                .await
-                .context("the dispatcher stopped")
-        });
+        // Every served queue has its own dispatcher, leading (or standing by for) its own lease.
+        for queue in &config.queues {
+            let api = TwirpEgressApi::new(url, credentials.clone(), config.livekit_call_timeout)
+                .context("cannot set up the LiveKit client")?;
+            let options = DispatchOptions {
+                order: config.order,
+                lease: config.lease,
+                // A short lease still leaves most of its time for sending starts.
+                lease_margin: (config.lease / 5).min(Duration::from_secs(2)),
+                max_in_flight: config.max_in_flight,
+                call_timeout: api.timeout(),
+                settle_after: api.timeout() + Duration::from_secs(5),
+                not_found_retry: config.not_found_retry,
+                reservation_lag,
+                ..DispatchOptions::default()
+            };
+            let dispatcher = Dispatcher::new(
+                queue.clone(),
+                store.clone(),
+                fleet.clone(),
+                api,
+                config.settings.clone(),
+                options,
+                holder.clone(),
+                events.clone(),
+                Arc::clone(&dispatch_metrics),
+            )
+            .with_served_queues(config.queues.iter().as_slice());
+            let token = shutdown.clone();
+            let queue = queue.clone();
+            tasks.spawn(async move {
+                dispatcher
+                    .run(token)
+                    .await
+                    .with_context(|| format!("the dispatcher of queue {queue} stopped"))
+            });
+        }
     }
 
     let evaluator = Evaluator::new(store.clone(), fleet.clone(), Arc::clone(&metrics));
     let scaler = ScalerService::new(
         evaluator,
-        config.default_queue.clone(),
+        config.queues.clone(),
         config.settings.clone(),
         events,
         Arc::clone(&metrics),
@@ -286,7 +295,7 @@ pub async fn start(config: ServeConfig, shutdown: CancellationToken) -> anyhow::
         store,
         fleet,
         settings: config.settings.clone(),
-        default_queue: config.default_queue.clone(),
+        queues: config.queues.clone(),
         verifier: AppState::verifier_for(config.credentials.as_ref()),
         metrics,
         dispatch_metrics,
@@ -294,7 +303,7 @@ pub async fn start(config: ServeConfig, shutdown: CancellationToken) -> anyhow::
         webhooks: config.credentials.as_ref().map(|credentials| {
             Arc::new(Webhooks::new(
                 credentials,
-                config.default_queue.clone(),
+                config.queues.clone(),
                 config.auto_record.clone(),
             ))
         }),
@@ -315,7 +324,7 @@ pub async fn start(config: ServeConfig, shutdown: CancellationToken) -> anyhow::
     tracing::info!(
         grpc = %grpc_addr,
         http = %http_addr,
-        queue = %config.default_queue,
+        queues = %config.queues,
         dispatcher = config.livekit_url.is_some(),
         grpc_tls = config.grpc_tls.is_some(),
         "egress-scaler is serving."

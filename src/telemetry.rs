@@ -1,4 +1,9 @@
 //! One Prometheus registry for the process, typed label sets, and log set-up.
+//!
+//! Queue labels are bounded: [`Metrics`] records only the queues the process serves, so no
+//! request can add a series. Text logs escape every control character in every field and
+//! message ([`EscapedFields`]), so no value (a room name, a key, a URL, an error) can start a
+//! forged log line or send a terminal escape sequence.
 
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -15,7 +20,7 @@ use std::sync::atomic::AtomicU64;
 
 use crate::config::LogFormat;
 use crate::model::{Decision, EgressKind};
-use crate::queue::{QueueName, QueueStats};
+use crate::queue::{QueueName, QueueStats, ServedQueues};
 
 /// Labels of the per-queue gauges.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
@@ -66,6 +71,8 @@ pub struct RpcMethodLabels {
 pub enum EnqueueOutcome {
     accepted,
     duplicate,
+    /// The key is held by a ticket with a different request (409).
+    conflict,
     rejected,
     unavailable,
 }
@@ -93,12 +100,15 @@ pub struct Metrics {
     pub enqueue_requests: Family<EnqueueLabels, Counter>,
     /// Failed tickets kept as dead letters.
     pub dead_letters: Family<QueueLabels, Gauge>,
+    /// The only queues that get series.
+    served: ServedQueues,
 }
 
 impl Metrics {
-    /// Registers the metrics in `registry`.
-    pub fn new(registry: &mut Registry) -> Arc<Self> {
+    /// Registers the metrics in `registry`; queue series exist for `served` only.
+    pub fn new(registry: &mut Registry, served: ServedQueues) -> Arc<Self> {
         let metrics = Metrics {
+            served,
             queue_depth: Family::default(),
             queue_oldest_age_seconds: Family::default(),
             desired_replicas: Family::default(),
@@ -147,8 +157,20 @@ impl Metrics {
         Arc::new(metrics)
     }
 
-    /// Records a decision for a queue.
+    /// Whether `queue` may have series; others are left out (and logged at debug level).
+    fn bounded(&self, queue: &QueueName) -> bool {
+        let served = self.served.contains(queue);
+        if !served {
+            tracing::debug!(%queue, "No metric series for a queue this process does not serve.");
+        }
+        served
+    }
+
+    /// Records a decision for a served queue.
     pub fn record_decision(&self, queue: &QueueName, decision: &Decision) {
+        if !self.bounded(queue) {
+            return;
+        }
         self.desired_replicas
             .get_or_create(&QueueLabels {
                 queue: queue.to_string(),
@@ -156,8 +178,11 @@ impl Metrics {
             .set(i64::from(decision.desired));
     }
 
-    /// Records queue depth and oldest age.
+    /// Records queue depth and oldest age of a served queue.
     pub fn record_queue(&self, queue: &QueueName, stats: &QueueStats, now_ms: u64) {
+        if !self.bounded(queue) {
+            return;
+        }
         for kind in EgressKind::ALL {
             self.queue_depth
                 .get_or_create(&QueueKindLabels {
@@ -463,14 +488,149 @@ pub fn encode(registry: &Registry) -> String {
 }
 
 /// Installs the global tracing subscriber (RUST_LOG filters, else `default_level`, e.g. `info`).
+/// Colours only on a terminal; text fields escaped by [`EscapedFields`].
 pub fn init_logging(format: LogFormat, default_level: &str) {
+    use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     let _ = match format {
-        LogFormat::Text => builder.try_init(),
+        LogFormat::Text => builder.fmt_fields(EscapedFields).try_init(),
+        // JSON strings escape control characters already.
         LogFormat::Json => builder.json().try_init(),
     };
+}
+
+/// The text log's field formatter: like the default one (the message, then `name=value`
+/// pairs; strings quoted), but every control character of a value or of the message is
+/// written as an escape (`\n`, `\r`, `\t`, `\u{1b}`), so that one event is one line.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct EscapedFields;
+
+impl<'writer> tracing_subscriber::fmt::FormatFields<'writer> for EscapedFields {
+    fn format_fields<R: tracing_subscriber::field::RecordFields>(
+        &self,
+        writer: tracing_subscriber::fmt::format::Writer<'writer>,
+        fields: R,
+    ) -> std::fmt::Result {
+        let mut visitor = EscapingVisitor {
+            writer,
+            first: true,
+            result: Ok(()),
+        };
+        fields.record(&mut visitor);
+        visitor.result
+    }
+}
+
+struct EscapingVisitor<'writer> {
+    writer: tracing_subscriber::fmt::format::Writer<'writer>,
+    first: bool,
+    result: std::fmt::Result,
+}
+
+impl EscapingVisitor<'_> {
+    fn write(&mut self, field: &tracing::field::Field, value: &str) {
+        if self.result.is_err() || field.name().starts_with("log.") {
+            return;
+        }
+        let separator = if self.first { "" } else { " " };
+        self.first = false;
+        let value = escape_controls(value);
+        self.result = if field.name() == "message" {
+            write!(self.writer, "{separator}{value}")
+        } else {
+            write!(self.writer, "{separator}{}={value}", field.name())
+        };
+    }
+}
+
+impl tracing::field::Visit for EscapingVisitor<'_> {
+    fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
+        if field.name() == "message" {
+            self.write(field, value);
+        } else {
+            // Quoted, as the default formatter writes strings.
+            self.write(field, &format!("{value:?}"));
+        }
+    }
+
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+        self.write(field, &format!("{value:?}"));
+    }
+}
+
+/// `text` with every control character (and the Unicode line separators) escaped.
+pub fn escape_controls(text: &str) -> std::borrow::Cow<'_, str> {
+    use crate::egress_request::is_line_breaking;
+    if !text.chars().any(is_line_breaking) {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut escaped = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        if is_line_breaking(c) {
+            escaped.extend(c.escape_default());
+        } else {
+            escaped.push(c);
+        }
+    }
+    std::borrow::Cow::Owned(escaped)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn control_characters_are_escaped_and_the_rest_kept() {
+        assert_eq!(escape_controls("board"), "board");
+        assert_eq!(escape_controls("équipe 7"), "équipe 7");
+        assert_eq!(
+            escape_controls("a\nINFO forged\r\u{1b}[31m\u{2028}\u{85}"),
+            "a\\nINFO forged\\r\\u{1b}[31m\\u{2028}\\u{85}"
+        );
+    }
+
+    #[test]
+    fn one_event_is_one_line_whatever_its_fields_hold() {
+        use std::sync::{Arc, Mutex};
+        #[derive(Clone, Default)]
+        struct Buffer(Arc<Mutex<Vec<u8>>>);
+        impl std::io::Write for Buffer {
+            fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(bytes);
+                Ok(bytes.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let buffer = Buffer::default();
+        let writer = buffer.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .fmt_fields(EscapedFields)
+            .finish();
+        let room = "r\nERROR forged line";
+        let error = std::io::Error::other("bad\r\nthing");
+        tracing::subscriber::with_default(subscriber, || {
+            let span = tracing::info_span!("request", key = %"k\nx");
+            let _entered = span.enter();
+            tracing::info!(%room, ?room, plain = room, %error, "Room {room} finished.");
+        });
+        let text = String::from_utf8(buffer.0.lock().unwrap().clone()).unwrap();
+        assert_eq!(text.lines().count(), 1, "{text}");
+        assert!(text.contains("room=r\\nERROR forged line"), "{text}");
+        assert!(text.contains("plain=\"r\\nERROR forged line\""), "{text}");
+        assert!(text.contains("error=bad\\r\\nthing"), "{text}");
+        assert!(text.contains("key=k\\nx"), "{text}");
+        assert!(
+            text.contains("Room r\\nERROR forged line finished."),
+            "{text}"
+        );
+    }
 }

@@ -12,6 +12,9 @@
 //! - `room_finished`: cancels the room's queued tickets;
 //! - `room_started`: with auto-recording on, queues a start for the room.
 //!
+//! `room_started` queues into the default queue; the other events act on every served
+//! queue, since a room's or an egress's tickets may be in any of them.
+//!
 //! Deliveries can be lost or repeated: every handler is idempotent, and the dispatcher's
 //! periodic reconcile catches what a lost webhook missed.
 
@@ -32,7 +35,8 @@ use crate::egress_request::StartRequest;
 use crate::intake::{AppState, now_ms};
 use crate::model::EgressKind;
 use crate::queue::{
-    CancelOutcome, Finish, NewRequest, QueueError, QueueName, QueueStore, TicketState,
+    CancelOutcome, Finish, NewRequest, QueueError, QueueName, QueueStore, ServedQueues,
+    TicketState,
 };
 use crate::telemetry::{WebhookEvent, WebhookOutcome};
 
@@ -72,16 +76,17 @@ impl AutoRecord {
 #[derive(Debug, Clone)]
 pub struct Webhooks {
     receiver: WebhookReceiver,
-    queue: QueueName,
+    queues: ServedQueues,
     auto_record: Option<AutoRecord>,
     clock_skew: Duration,
 }
 
 impl Webhooks {
-    /// Webhooks verified with `credentials`, acting on `queue`.
+    /// Webhooks verified with `credentials`, acting on the served `queues` (auto-recording
+    /// into the default one).
     pub fn new(
         credentials: &ApiCredentials,
-        queue: QueueName,
+        queues: ServedQueues,
         auto_record: Option<AutoRecord>,
     ) -> Self {
         Webhooks {
@@ -89,7 +94,7 @@ impl Webhooks {
                 &credentials.key,
                 &credentials.secret,
             )),
-            queue,
+            queues,
             auto_record,
             clock_skew: Duration::from_secs(2),
         }
@@ -171,44 +176,55 @@ pub async fn handle(
     webhooks: &Webhooks,
     event: &proto::WebhookEvent,
 ) -> Result<bool, QueueError> {
-    let queue = &webhooks.queue;
-    match event.event.as_str() {
-        "egress_started" => match &event.egress_info {
-            Some(info) => egress_started(store, webhooks, info).await,
-            None => Ok(false),
-        },
-        "egress_ended" => match &event.egress_info {
-            Some(info) => egress_ended(store, queue, info).await,
-            None => Ok(false),
-        },
-        "room_finished" => match &event.room {
-            Some(room) => room_finished(store, queue, &room.name).await,
-            None => Ok(false),
-        },
-        "room_started" => match (&event.room, &webhooks.auto_record) {
-            (Some(room), Some(auto)) => room_started(store, queue, auto, &room.name).await,
+    if event.event == "room_started" {
+        return match (&event.room, &webhooks.auto_record) {
+            (Some(room), Some(auto)) => {
+                let queue = webhooks.queues.default_queue();
+                room_started(store, queue, auto, &room.name).await
+            }
             _ => Ok(false),
-        },
-        _ => Ok(false),
+        };
     }
+    let mut applied = false;
+    for queue in &webhooks.queues {
+        applied |= match event.event.as_str() {
+            "egress_started" => match &event.egress_info {
+                Some(info) => egress_started(store, webhooks, queue, info).await?,
+                None => false,
+            },
+            "egress_ended" => match &event.egress_info {
+                Some(info) => egress_ended(store, queue, info).await?,
+                None => false,
+            },
+            "room_finished" => match &event.room {
+                Some(room) => room_finished(store, queue, &room.name).await?,
+                None => false,
+            },
+            _ => false,
+        };
+    }
+    Ok(applied)
 }
 
 async fn egress_started(
     store: &QueueStore,
     webhooks: &Webhooks,
+    queue: &QueueName,
     info: &proto::EgressInfo,
 ) -> Result<bool, QueueError> {
-    let queue = &webhooks.queue;
-    if store
-        .ticket_for_egress(queue, &info.egress_id)
-        .await?
-        .is_some()
-        || store
-            .recorded_egress(queue, &info.egress_id)
+    // An egress recorded for a ticket of any served queue is never another's.
+    for served in &webhooks.queues {
+        if store
+            .ticket_for_egress(served, &info.egress_id)
             .await?
             .is_some()
-    {
-        return Ok(false);
+            || store
+                .recorded_egress(served, &info.egress_id)
+                .await?
+                .is_some()
+        {
+            return Ok(false);
+        }
     }
     if info
         .request
@@ -320,18 +336,12 @@ async fn room_started(
         }
     };
     let enqueued = store
-        .enqueue(
-            queue,
-            NewRequest {
-                kind: auto.kind,
-                room_name: room.to_owned(),
-                request: Some(request.to_json()),
-                dedup_key: None,
-            },
-            now_ms(),
-        )
+        .enqueue(queue, NewRequest::new(&request, room, None), now_ms())
         .await?;
-    if !enqueued.duplicate {
+    if enqueued.conflict {
+        // Someone queued another request for the same recording first; theirs stands.
+        tracing::info!(ticket = %enqueued.ticket, %room, kind = %auto.kind, "Room started; a different request for this recording is already queued.");
+    } else if !enqueued.duplicate {
         tracing::info!(ticket = %enqueued.ticket, %room, kind = %auto.kind, "Room started; recording queued.");
     }
     Ok(!enqueued.duplicate)

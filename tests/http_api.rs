@@ -165,6 +165,25 @@ async fn bad_input_gets_a_precise_json_error_and_leaves_the_queue_alone() {
         (json!({"kind": "room_composite", "room_name": "a", "request": {"roomName": "b"}}).to_string(), 400, "differs"),
         (json!({"kind": "room_composite", "room_name": "a", "queue": "x y"}).to_string(), 400, "queue"),
         (json!({"kind": "room_composite", "room_name": "a", "dedup_key": ""}).to_string(), 400, "dedup_key"),
+        // Room names are taken exactly or refused: never trimmed, no control characters.
+        (json!({"kind": "room_composite", "room_name": "board\u{2003}"}).to_string(), 400, "room_name"),
+        (json!({"kind": "room_composite", "room_name": " board"}).to_string(), 400, "room_name"),
+        (json!({"kind": "room_composite", "room_name": "a\nb"}).to_string(), 400, "room_name"),
+        (json!({"kind": "room_composite", "room_name": "a\u{1b}[2Jb"}).to_string(), 400, "room_name"),
+        (json!({"kind": "room_composite", "room_name": "x".repeat(257)}).to_string(), 400, "room_name"),
+        // Unknown fields of the LiveKit request are refused by name, at any depth.
+        (json!({"kind": "room_composite", "room_name": "a", "request": {"layot": "grid"}}).to_string(), 400, "request.layot"),
+        (json!({"kind": "room_composite", "room_name": "a", "request": {"fileOutputs": [{"filepth": "a.mp4"}]}}).to_string(), 400, "request.fileOutputs[0].filepth"),
+        // Values LiveKit would refuse once a pod took the job.
+        (json!({"kind": "web", "room_name": "a", "request": {"url": ""}}).to_string(), 400, "request.url"),
+        (json!({"kind": "web", "room_name": "a", "request": {"url": "file:///etc/passwd"}}).to_string(), 400, "request.url"),
+        (json!({"kind": "participant", "room_name": "a", "request": {"identity": ""}}).to_string(), 400, "request.identity"),
+        (json!({"kind": "track", "room_name": "a", "request": {"trackId": "TR_1", "websocketUrl": "tcp://x"}}).to_string(), 400, "request.websocket_url"),
+        (json!({"kind": "room_composite", "room_name": "a", "request": {"streamOutputs": [{"urls": []}]}}).to_string(), 400, "stream output"),
+        (json!({"kind": "room_composite", "room_name": "a", "dedup_key": "k\n"}).to_string(), 400, "dedup_key"),
+        (json!({"kind": "room_composite", "room_name": "a", "dedup_key": " k"}).to_string(), 400, "dedup_key"),
+        // A queue this process does not serve.
+        (json!({"kind": "room_composite", "room_name": "a", "queue": "made-up"}).to_string(), 400, "\"made-up\" is not served here; the served queues are default"),
         (json!({"kind": "room_composite", "room_name": "a", "request": {"layout": "x".repeat(70 * 1024)}}).to_string(), 413, "larger than"),
     ];
     for (body, expected, needle) in cases {
@@ -409,5 +428,121 @@ async fn enqueue_and_status_commands_talk_to_the_server() {
     assert!(table.contains("DESIRED"), "{table}");
     assert!(table.contains("room_composite=1"), "{table}");
     assert!(table.contains("desired 1 because"), "{table}");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn different_recordings_are_never_merged_and_a_changed_request_is_a_conflict() {
+    let redis = redis();
+    let server = TestServer::start(config(&redis, &[], &NoEnvironment)).await;
+    let client = http_client();
+    let ticket = |answer: &Value| answer["ticket"].as_str().unwrap().to_owned();
+
+    // Pairs that record different things in one room: each gets its own ticket.
+    let pairs = [
+        (
+            json!({"kind": "participant", "room_name": "r", "request": {"identity": "alice"}}),
+            json!({"kind": "participant", "room_name": "r", "request": {"identity": "bob"}}),
+        ),
+        (
+            json!({"kind": "track", "room_name": "r", "request": {"trackId": "TR_1"}}),
+            json!({"kind": "track", "room_name": "r", "request": {"trackId": "TR_2"}}),
+        ),
+        (
+            json!({"kind": "track_composite", "room_name": "r",
+                   "request": {"audioTrackId": "TR_a", "videoTrackId": "TR_v1"}}),
+            json!({"kind": "track_composite", "room_name": "r",
+                   "request": {"audioTrackId": "TR_a", "videoTrackId": "TR_v2"}}),
+        ),
+        (
+            json!({"kind": "web", "room_name": "r", "request": {"url": "https://board.test/1"}}),
+            json!({"kind": "web", "room_name": "r", "request": {"url": "https://board.test/2"}}),
+        ),
+    ];
+    let mut tickets = std::collections::BTreeSet::new();
+    for (first, second) in &pairs {
+        let (status_a, a) = enqueue(&client, &server, first.clone()).await;
+        let (status_b, b) = enqueue(&client, &server, second.clone()).await;
+        assert_eq!((status_a, status_b), (202, 202), "{first} / {second}: {b}");
+        assert_ne!(ticket(&a), ticket(&b));
+        tickets.extend([ticket(&a), ticket(&b)]);
+        // The very same request again is the same recording: the holder, as a duplicate.
+        let (status, again) = enqueue(&client, &server, first.clone()).await;
+        assert_eq!((status, ticket(&again)), (200, ticket(&a)), "{first}");
+        assert_eq!(again["duplicate"], true);
+    }
+    assert_eq!(tickets.len(), 8);
+    assert_eq!(depth(&client, &server).await, 8);
+
+    // The same recording asked for with another request body: 409 naming the holder.
+    let (status, grid) = enqueue(
+        &client,
+        &server,
+        json!({"kind": "room_composite", "room_name": "r", "request": {"layout": "grid"}}),
+    )
+    .await;
+    assert_eq!(status, 202);
+    let speaker =
+        json!({"kind": "room_composite", "room_name": "r", "request": {"layout": "speaker"}});
+    let (status, conflict) = enqueue(&client, &server, speaker.clone()).await;
+    assert_eq!(status, 409, "{conflict}");
+    assert_eq!(conflict["error"], "already_exists");
+    assert_eq!(conflict["ticket"], grid["ticket"]);
+    assert_eq!(conflict["state"], "queued");
+    assert!(
+        conflict["message"]
+            .as_str()
+            .unwrap()
+            .contains(grid["ticket"].as_str().unwrap()),
+        "{conflict}"
+    );
+    // The default request and an explicit default are one request.
+    let (status, _) = enqueue(
+        &client,
+        &server,
+        json!({"kind": "room_composite", "room_name": "plain"}),
+    )
+    .await;
+    assert_eq!(status, 202);
+    let (status, _) = enqueue(
+        &client,
+        &server,
+        json!({"kind": "room_composite", "room_name": "plain", "request": {"roomName": "plain", "layout": ""}}),
+    )
+    .await;
+    assert_eq!(status, 200);
+
+    // A caller's key: the same key with another request is a conflict too.
+    let keyed = |room: &str| json!({"kind": "room_composite", "room_name": room, "dedup_key": "meeting-42"});
+    let (status, held) = enqueue(&client, &server, keyed("k1")).await;
+    assert_eq!(status, 202);
+    let (status, other) = enqueue(&client, &server, keyed("k2")).await;
+    assert_eq!((status, &other["ticket"]), (409, &held["ticket"]));
+    let (status, _) = enqueue(&client, &server, keyed("k1")).await;
+    assert_eq!(status, 200);
+
+    // Once the holder is cancelled, the other request is taken.
+    let id = grid["ticket"].as_str().unwrap();
+    let cancelled = client
+        .delete(server.http(&format!("/v1/requests/{id}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(cancelled.status().as_u16(), 200);
+    let (status, _) = enqueue(&client, &server, speaker).await;
+    assert_eq!(status, 202);
+
+    let metrics = client
+        .get(server.http("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("egress_scaler_enqueue_requests_total{outcome=\"conflict\"} 2"),
+        "{metrics}"
+    );
     server.stop().await;
 }

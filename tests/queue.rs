@@ -279,14 +279,26 @@ async fn an_explicit_dedup_key_replaces_kind_and_room() {
         )
         .await
         .unwrap();
-    // Same key, different room and kind: still the same request.
+    // Same key, different room and kind: the holder, as a conflict; nothing changes.
     let same_key = fx
         .store
         .enqueue(&fx.queue, with_key(EgressKind::Track, "b", "k1"), T0)
         .await
         .unwrap();
-    assert!(same_key.duplicate);
+    assert!(same_key.duplicate && same_key.conflict);
     assert_eq!(same_key.ticket, first.ticket);
+    // Same key, same request: a plain duplicate.
+    let again = fx
+        .store
+        .enqueue(
+            &fx.queue,
+            with_key(EgressKind::RoomComposite, "a", "k1"),
+            T0,
+        )
+        .await
+        .unwrap();
+    assert!(again.duplicate && !again.conflict);
+    assert_eq!(again.ticket, first.ticket);
     // Same room and kind, different keys: two requests.
     let other_key = fx
         .store
@@ -1388,4 +1400,89 @@ async fn a_persistent_server_keeps_the_queue_across_a_restart() {
     assert_eq!(fresh.demand(&queue).await.unwrap().total(), 2);
     server.stop();
     assert!(!server.is_running());
+}
+
+#[tokio::test]
+async fn the_default_key_is_what_the_request_records_and_a_changed_request_conflicts() {
+    let fx = Fixture::start().await;
+    let track = |room: &str, track_id: &str| NewRequest {
+        request: Some(format!(r#"{{"roomName":"{room}","trackId":"{track_id}"}}"#)),
+        ..request(EgressKind::Track, room)
+    };
+    let one = fx
+        .store
+        .enqueue(&fx.queue, track("r", "TR_1"), T0)
+        .await
+        .unwrap();
+    let two = fx
+        .store
+        .enqueue(&fx.queue, track("r", "TR_2"), T0)
+        .await
+        .unwrap();
+    assert!(
+        !one.duplicate && !two.duplicate,
+        "two tracks of one room are two recordings"
+    );
+    let stored = fx.store.get(&one.ticket).await.unwrap().unwrap();
+    assert_eq!(stored.dedup_key, "track:r:TR_1");
+    let again = fx
+        .store
+        .enqueue(&fx.queue, track("r", "TR_1"), T0)
+        .await
+        .unwrap();
+    assert_eq!(
+        (again.ticket, again.duplicate, again.conflict),
+        (one.ticket.clone(), true, false)
+    );
+
+    // A validated request: the normalised form is stored, keyed by what it records.
+    let start = egress_scaler::egress_request::StartRequest::parse(
+        EgressKind::Participant,
+        "r",
+        Some(serde_json::json!({"identity": "bob", "screen_share": false})),
+    )
+    .unwrap();
+    let bob = fx
+        .store
+        .enqueue(&fx.queue, NewRequest::new(&start, "r", None), T0)
+        .await
+        .unwrap();
+    let stored = fx.store.get(&bob.ticket).await.unwrap().unwrap();
+    assert_eq!(stored.dedup_key, "participant:r:bob");
+    assert_eq!(
+        stored.request.as_deref(),
+        Some(r#"{"roomName":"r","identity":"bob"}"#)
+    );
+    let screen = egress_scaler::egress_request::StartRequest::parse(
+        EgressKind::Participant,
+        "r",
+        Some(serde_json::json!({"identity": "bob", "screenShare": true})),
+    )
+    .unwrap();
+    let conflict = fx
+        .store
+        .enqueue(&fx.queue, NewRequest::new(&screen, "r", None), T0)
+        .await
+        .unwrap();
+    assert_eq!(
+        (conflict.ticket, conflict.duplicate, conflict.conflict),
+        (bob.ticket.clone(), true, true)
+    );
+    assert_eq!(fx.store.stats(&fx.queue).await.unwrap().depth, 3);
+
+    // A holder written before digests were stored counts as the same request.
+    let mut raw = fx.raw().await;
+    let _: () = redis::cmd("HDEL")
+        .arg(ticket_key(&bob.ticket))
+        .arg("digest")
+        .query_async(&mut raw)
+        .await
+        .unwrap();
+    let legacy = fx
+        .store
+        .enqueue(&fx.queue, NewRequest::new(&screen, "r", None), T0)
+        .await
+        .unwrap();
+    assert_eq!((legacy.duplicate, legacy.conflict), (true, false));
+    fx.stop();
 }

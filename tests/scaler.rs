@@ -38,7 +38,12 @@ async fn is_active(server: &TestServer, metadata: &[(&str, &str)]) -> Result<boo
 #[tokio::test]
 async fn metric_spec_names_the_queue_with_target_one() {
     let redis = redis();
-    let server = TestServer::start(config(&redis, &[], &NoEnvironment)).await;
+    let server = TestServer::start(config(
+        &redis,
+        &["--queue", "default", "--queue", "rec"],
+        &NoEnvironment,
+    ))
+    .await;
     let mut client = server.grpc().await;
     let spec = client
         .get_metric_spec(scaled_object(&[
@@ -58,7 +63,12 @@ async fn metric_spec_names_the_queue_with_target_one() {
 #[tokio::test]
 async fn desired_replicas_follow_the_queue_from_zero() {
     let redis = redis();
-    let server = TestServer::start(config(&redis, &[], &NoEnvironment)).await;
+    let server = TestServer::start(config(
+        &redis,
+        &["--queue", "default,tracks,empty"],
+        &NoEnvironment,
+    ))
+    .await;
     let http = http_client();
     assert_eq!(desired(&server, &[]).await.unwrap(), 0);
     assert!(!is_active(&server, &[]).await.unwrap());
@@ -76,7 +86,7 @@ async fn desired_replicas_follow_the_queue_from_zero() {
     assert!(is_active(&server, &[]).await.unwrap());
 
     for i in 0..13 {
-        let body = json!({"kind": "track", "room_name": "r", "queue": "tracks", "dedup_key": format!("t{i}"), "request": {"track_id": format!("TR_{i}")}});
+        let body = json!({"kind": "track", "room_name": "r", "queue": "tracks", "request": {"track_id": format!("TR_{i}")}});
         assert_eq!(enqueue(&http, &server, body).await.0, 202);
     }
     assert_eq!(desired(&server, &[("queue", "tracks")]).await.unwrap(), 3);
@@ -110,6 +120,7 @@ async fn malformed_metadata_is_invalid_argument_naming_the_key() {
         ("minReplicas", "-2"),
         ("maxReplicas", "1.5"),
         ("queue", "a/b"),
+        ("queue", "not-served"),
     ] {
         let error = desired(&server, &[(key, value)]).await.unwrap_err();
         assert_eq!(error.code(), Code::InvalidArgument, "{key}");
@@ -123,7 +134,12 @@ async fn malformed_metadata_is_invalid_argument_naming_the_key() {
 #[tokio::test]
 async fn push_stream_turns_active_right_after_an_enqueue() {
     let redis = redis();
-    let server = TestServer::start(config(&redis, &[], &NoEnvironment)).await;
+    let server = TestServer::start(config(
+        &redis,
+        &["--queue", "default", "--queue", "push"],
+        &NoEnvironment,
+    ))
+    .await;
     let http = http_client();
     let mut client = server.grpc().await;
     let mut stream = client
@@ -184,7 +200,7 @@ async fn push_stream_turns_active_right_after_an_enqueue() {
 #[tokio::test]
 async fn stream_metric_spec_sends_the_spec_then_ends_ok_on_shutdown() {
     let redis = redis();
-    let server = TestServer::start(config(&redis, &[], &NoEnvironment)).await;
+    let server = TestServer::start(config(&redis, &["--queue", "q0,q1"], &NoEnvironment)).await;
     let mut client = server.grpc().await;
     let mut stream = client
         .stream_metric_spec(scaled_object(&[("queue", "q1")]))

@@ -137,7 +137,9 @@ async fn start(
     redis: &egress_scaler::redis_server::RedisServer,
     flags: &[&str],
 ) -> support::TestServer {
-    let mut config = support::config(redis, flags, &support::NoEnvironment);
+    // The queue the tests' trigger names must be one the server serves.
+    let flags: Vec<&str> = flags.iter().copied().chain(["--queue", "rec"]).collect();
+    let mut config = support::config(redis, &flags, &support::NoEnvironment);
     // Fast polling keeps the reload test short; the default is a few seconds.
     if let Some(tls) = config.grpc_tls.as_mut() {
         tls.reload_interval = Duration::from_millis(100);
