@@ -450,7 +450,8 @@ async fn replay(
 }
 
 fn webhook_counter(metrics: &str, event: &str, outcome: &str) -> u64 {
-    let prefix = format!("egress_scaler_webhooks_total{{event=\"{event}\",outcome=\"{outcome}\"}} ");
+    let prefix =
+        format!("egress_scaler_webhooks_total{{event=\"{event}\",outcome=\"{outcome}\"}} ");
     metrics
         .lines()
         .find_map(|line| line.strip_prefix(&prefix))
@@ -492,7 +493,13 @@ async fn replayed_deliveries_are_recognised_and_act_once() {
         replay(&client, &server, &started_body, &started_signature).await,
         200
     );
-    assert!(store.queued_in_room(&queue, "standup").await.unwrap().is_empty());
+    assert!(
+        store
+            .queued_in_room(&queue, "standup")
+            .await
+            .unwrap()
+            .is_empty()
+    );
     assert_eq!(store.stats(&queue).await.unwrap().depth, 0);
 
     // room_finished of the first room; a new room of the same name starts (a new event).
@@ -567,7 +574,10 @@ async fn a_delivery_that_failed_is_acted_on_when_retried() {
         })
         .await
     );
-    assert_eq!(store.queued_in_room(&queue, "retro").await.unwrap().len(), 1);
+    assert_eq!(
+        store.queued_in_room(&queue, "retro").await.unwrap().len(),
+        1
+    );
     // And only once.
     assert_eq!(replay(&client, &server, &body, &signature).await, 200);
     assert_eq!(store.stats(&queue).await.unwrap().depth, 1);
