@@ -474,8 +474,10 @@ pub async fn watch_eviction_policy(
                     Ok(QueueEvent::Changed(_)) | Err(broadcast::error::RecvError::Lagged(_)) => {}
                     Err(broadcast::error::RecvError::Closed) => {
                         // No more reconnection notices: keep the periodic reading only.
-                        (&mut recheck).await;
-                        break;
+                        tokio::select! {
+                            _ = shutdown.cancelled() => return,
+                            _ = &mut recheck => break,
+                        }
                     }
                 },
             }
