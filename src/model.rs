@@ -1000,6 +1000,44 @@ mod tests {
     }
 
     #[test]
+    fn unseen_starts_go_where_livekit_would_put_them_and_are_not_counted_twice() {
+        let settings = Settings::default();
+        let fleet = FleetSnapshot {
+            pods: vec![
+                Pod::new("idle", PodState::Ready),
+                Pod::new("tracks", PodState::Ready).with_active("track", 2),
+                Pod::new("starting", PodState::Starting),
+            ],
+        };
+        // Nothing queued: without the starts the idle pod is spare and desired is 1.
+        assert_eq!(desired(&Demand::default(), &fleet), 1);
+        // A track joins the busy pod (affinity 1), a composite takes the idle pod.
+        let starts = [Track, RoomComposite];
+        let (seen, unplaced) = with_unseen_starts(&settings, &fleet, &starts);
+        assert_eq!(unplaced, 0);
+        assert_eq!(seen.pods[0].active.get("room_composite"), Some(&1));
+        assert_eq!(seen.pods[1].active.get("track"), Some(&3));
+        let decision = decide_with_unseen_starts(&settings, &Demand::default(), &fleet, &starts);
+        assert_eq!((decision.desired, decision.busy_pods), (2, 2));
+        assert_eq!(decision.unseen_starts, 2);
+        assert!(
+            decision.reasons(&settings)[1].starts_with("2 start(s) not yet in the fleet metrics")
+        );
+        // A start no ready pod admits is the snapshot showing it already: not counted again.
+        let full = FleetSnapshot {
+            pods: vec![Pod::new("full", PodState::Ready).with_active("room_composite", 1)],
+        };
+        let decision =
+            decide_with_unseen_starts(&settings, &Demand::default(), &full, &[RoomComposite]);
+        assert_eq!((decision.desired, decision.unseen_starts_unplaced), (1, 1));
+        // An audio composite (1 core) fits the busy pod, and shows there as the pod's metrics
+        // will show it: as a room_composite.
+        let (seen, _) = with_unseen_starts(&settings, &fleet, &[AudioRoomComposite]);
+        assert_eq!(seen.pods[1].active.get("room_composite"), Some(&1));
+        assert_eq!(seen.pods[0].active_total(), 0);
+    }
+
+    #[test]
     fn kinds_parse_from_their_names() {
         for kind in EgressKind::ALL {
             assert_eq!(kind.as_str().parse::<EgressKind>(), Ok(kind));

@@ -2108,6 +2108,36 @@ mod tests {
     }
 
     #[test]
+    fn deliveries_are_known_by_event_id_and_body() {
+        let body = br#"{"event":"room_started","id":"EV_abc"}"#;
+        let delivery = DeliveryId::new("EV_abc", body);
+        assert!(delivery.as_str().starts_with("EV_abc:"));
+        assert_eq!(delivery.as_str().len(), "EV_abc:".len() + 64);
+        assert_eq!(delivery, DeliveryId::new("EV_abc", body));
+        assert_ne!(delivery, DeliveryId::new("EV_abd", body));
+        assert_ne!(delivery, DeliveryId::new("EV_abc", b"{}"));
+        // No id, or one unfit for a key: the body's digest alone.
+        assert!(DeliveryId::new("", body).as_str().starts_with("-:"));
+        assert!(DeliveryId::new("a b:*", body).as_str().starts_with("-:"));
+    }
+
+    #[test]
+    fn only_noeviction_is_safe() {
+        assert_eq!(
+            EvictionPolicy::parse("noeviction"),
+            EvictionPolicy::NoEviction
+        );
+        assert!(EvictionPolicy::parse("noeviction").warning().is_none());
+        let lru = EvictionPolicy::parse("allkeys-lru");
+        assert!(!lru.is_safe());
+        assert_eq!(lru.name(), "allkeys-lru");
+        assert!(lru.warning().unwrap().contains("allkeys-lru"));
+        let unknown = EvictionPolicy::Unknown("denied".to_owned());
+        assert_eq!(unknown.name(), "unknown");
+        assert!(!unknown.is_safe());
+    }
+
+    #[test]
     fn error_labels_are_bounded() {
         let unavailable = QueueError::from(timed_out_redis(Duration::from_secs(1)));
         assert_eq!(unavailable.metric_label(), "unavailable");
