@@ -32,7 +32,7 @@
 //! | `egress-scaler:{q}:seq` | STRING | the enqueue sequence counter (`INCR`) |
 //! | `egress-scaler:{q}:ticket:<id>` | HASH | one ticket (fields below); expires `finished_ttl` after it ends, fails or is cancelled |
 //! | `egress-scaler:{q}:dedup` | HASH | dedup key -> id of the queued, dispatching or active ticket holding it |
-//! | `egress-scaler:{q}:demand` | HASH | kind -> tickets not started yet (queued + dispatching); the only key `GetMetrics` reads |
+//! | `egress-scaler:{q}:demand` | HASH | kind -> tickets not started yet (queued + dispatching); `GetMetrics` reads it with the recent starts ([`QueueStore::scaling_input`]) |
 //! | `egress-scaler:{q}:queued` | HASH | kind -> queued tickets |
 //! | `egress-scaler:{q}:dispatching` | ZSET | ids of tickets being started, scored by claim time |
 //! | `egress-scaler:{q}:active` | ZSET | ids of recording tickets, scored by start time |
@@ -41,6 +41,7 @@
 //! | `egress-scaler:{q}:room:<room name>` | SET | ids of the queued tickets of one room |
 //! | `egress-scaler:{q}:events` | pub/sub channel | the queue name is published on every change (classic `PUBLISH`: every node of a cluster hears it) |
 //! | `egress-scaler:{q}:fence` | STRING | the dispatcher lease's fencing counter (`INCR` on each acquisition, see `dispatch::lease`) |
+//! | `egress-scaler:{q}:webhook:<delivery>` | STRING | a webhook delivery acted on ([`DeliveryId`]), for 10 minutes |
 //!
 //! Ticket hash fields: `state`, `kind`, `room`, `request` (optional, the LiveKit request
 //! verbatim), `dedup`, `seq` (enqueue sequence number), `enqueued_at`; `attempt` and
@@ -48,6 +49,15 @@
 //! `egress_id` and `started_at` once active; `ended_at` once finished; `error` when failed.
 //! Times are milliseconds since the Unix epoch, given by the caller. The counter hashes hold
 //! non-zero kinds only: a missing kind counts zero.
+//!
+//! # Lost tickets
+//!
+//! Redis must not evict (`maxmemory-policy noeviction`; see [`watch_eviction_policy`]). A
+//! ticket whose hash is gone all the same (evicted, deleted by hand) is removed by the reading
+//! script that meets it (`queue/repair.lua`: `peek`/`peek_n`, `stats`, the scaling input at
+//! the head of the FIFO), and the `queued` and `demand` counters are recounted from the
+//! tickets that survive, since its kind went with the hash; so it never holds a strict queue,
+//! the oldest wait or the demand.
 //!
 //! The dispatcher writes through [`QueueStore::fenced`]: each of its transitions carries the
 //! fencing token of its lease, and the script refuses it ([`QueueError::Fenced`]) once a newer
