@@ -1482,8 +1482,8 @@ impl QueueStore {
             .arg(events_channel(queue))
             .arg(queue.as_str())
             .arg(if set == "pending" { "1" } else { "0" });
-        let (entries, removed): (Vec<(String, HashMap<String, String>)>, Vec<String>) =
-            decode(self.invoke(&invocation).await?, set)?;
+        type Reply = (Vec<(String, HashMap<String, String>)>, Vec<String>);
+        let (entries, removed): Reply = decode(self.invoke(&invocation).await?, set)?;
         log_lost_tickets(queue, &removed);
         entries
             .into_iter()
