@@ -212,6 +212,9 @@ fn wait_text(seconds: Option<f64>) -> String {
 /// The status as a readable table.
 pub fn render_status(status: &StatusAnswer) -> String {
     let mut out = String::new();
+    if let Some(warning) = &status.redis.warning {
+        let _ = writeln!(out, "WARNING: {warning}\n");
+    }
     let _ = writeln!(
         out,
         "{:<16} {:>7} {:>12} {:>6} {:>6} {:>5} {:>8}  queued by kind",

@@ -542,6 +542,17 @@ pub struct FleetStatus {
     pub pods: Vec<Value>,
 }
 
+/// Redis as `GET /v1/status` shows it.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct RedisStatus {
+    /// Its `maxmemory-policy`, or `unknown`.
+    pub eviction_policy: String,
+    /// True only for `noeviction`: no ticket can be evicted.
+    pub eviction_policy_ok: bool,
+    /// What is wrong and what to do, when not `noeviction`.
+    pub warning: Option<String>,
+}
+
 /// `GET /v1/status`.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct StatusAnswer {
@@ -553,6 +564,9 @@ pub struct StatusAnswer {
     pub other_queues: Vec<String>,
     /// The egress fleet.
     pub fleet: FleetStatus,
+    /// The Redis holding the queues (absent from servers before it was added).
+    #[serde(default)]
+    pub redis: RedisStatus,
 }
 
 fn to_names(demand: &crate::model::Demand) -> BTreeMap<String, u64> {
@@ -646,10 +660,19 @@ pub async fn build_status(state: &AppState) -> Result<StatusAnswer, QueueError> 
             decision: decision.as_ref().and_then(|d| serde_json::to_value(d).ok()),
         });
     }
+    let policy = match state.store.eviction_policy() {
+        Some(policy) => policy,
+        None => state.store.read_eviction_policy().await,
+    };
     Ok(StatusAnswer {
         queues: answer,
         other_queues,
         fleet,
+        redis: RedisStatus {
+            eviction_policy: policy.name().to_owned(),
+            eviction_policy_ok: policy.is_safe(),
+            warning: policy.warning(),
+        },
     })
 }
 

@@ -333,6 +333,11 @@ pub struct Decision {
     pub unschedulable: BTreeMap<EgressKind, u64>,
     /// Set when the min/max clamp changed the answer.
     pub clamp: Option<Clamp>,
+    /// Starts the fleet snapshot does not show yet, counted on the pods they went to.
+    pub unseen_starts: u64,
+    /// Of those, starts no pod of the snapshot admits: the snapshot already shows them (or
+    /// a job that has ended since), so they are not counted twice.
+    pub unseen_starts_unplaced: u64,
 }
 
 impl Decision {
@@ -346,6 +351,12 @@ impl Decision {
         let mut reasons = Vec::new();
         if self.busy_pods > 0 {
             reasons.push(format!("{} busy pod(s) running egress", self.busy_pods));
+        }
+        let placed = self.unseen_starts - self.unseen_starts_unplaced;
+        if placed > 0 {
+            reasons.push(format!(
+                "{placed} start(s) not yet in the fleet metrics counted on the pods they went to"
+            ));
         }
         if self.queued > 0 {
             reasons.push(format!(
@@ -539,7 +550,59 @@ pub fn decide(settings: &Settings, demand: &Demand, fleet: &FleetSnapshot) -> De
         placed_on_existing,
         unschedulable,
         clamp,
+        unseen_starts: 0,
+        unseen_starts_unplaced: 0,
     }
+}
+
+/// The fleet with the starts it does not show yet (DESIGN.md 4): each start, oldest first,
+/// occupies its cost on the pod livekit-server would have given it ([`choose_pod`] over the
+/// loads, earlier starts included), as that pod's metrics will show it at the next refresh.
+/// Returns the fleet and how many starts no pod admits: those are not counted (the snapshot
+/// then shows the job already, or is behind on one that ended), as the dispatcher does.
+pub fn with_unseen_starts(
+    settings: &Settings,
+    fleet: &FleetSnapshot,
+    starts: &[EgressKind],
+) -> (FleetSnapshot, u64) {
+    let mut fleet = fleet.clone();
+    let mut loads: Vec<PodLoad> = fleet
+        .pods
+        .iter()
+        .map(|pod| PodLoad::of(pod, &settings.costs))
+        .collect();
+    let mut unplaced = 0;
+    for &kind in starts {
+        match choose_pod(settings, &loads, kind) {
+            Some(index) => {
+                let pod = &mut fleet.pods[index];
+                *pod.active
+                    .entry(reported_type(kind).to_owned())
+                    .or_default() += 1;
+                loads[index] = PodLoad::of(pod, &settings.costs);
+            }
+            None => unplaced += 1,
+        }
+    }
+    (fleet, unplaced)
+}
+
+/// [`decide`] over the fleet with the starts it does not show yet ([`with_unseen_starts`]),
+/// so that desired does not dip between a start and the refresh that shows it.
+pub fn decide_with_unseen_starts(
+    settings: &Settings,
+    demand: &Demand,
+    fleet: &FleetSnapshot,
+    starts: &[EgressKind],
+) -> Decision {
+    if starts.is_empty() {
+        return decide(settings, demand, fleet);
+    }
+    let (fleet, unplaced) = with_unseen_starts(settings, fleet, starts);
+    let mut decision = decide(settings, demand, &fleet);
+    decision.unseen_starts = starts.len() as u64;
+    decision.unseen_starts_unplaced = unplaced;
+    decision
 }
 
 /// The type label `livekit_egress_requests` gives a job of `kind` on the pod.
@@ -934,6 +997,44 @@ mod tests {
             &FleetSnapshot::default(),
         );
         assert_eq!(decision.new_pods, 100_000 + 1 + 16_667);
+    }
+
+    #[test]
+    fn unseen_starts_go_where_livekit_would_put_them_and_are_not_counted_twice() {
+        let settings = Settings::default();
+        let fleet = FleetSnapshot {
+            pods: vec![
+                Pod::new("idle", PodState::Ready),
+                Pod::new("tracks", PodState::Ready).with_active("track", 2),
+                Pod::new("starting", PodState::Starting),
+            ],
+        };
+        // Nothing queued: without the starts the idle pod is spare and desired is 1.
+        assert_eq!(desired(&Demand::default(), &fleet), 1);
+        // A track joins the busy pod (affinity 1), a composite takes the idle pod.
+        let starts = [Track, RoomComposite];
+        let (seen, unplaced) = with_unseen_starts(&settings, &fleet, &starts);
+        assert_eq!(unplaced, 0);
+        assert_eq!(seen.pods[0].active.get("room_composite"), Some(&1));
+        assert_eq!(seen.pods[1].active.get("track"), Some(&3));
+        let decision = decide_with_unseen_starts(&settings, &Demand::default(), &fleet, &starts);
+        assert_eq!((decision.desired, decision.busy_pods), (2, 2));
+        assert_eq!(decision.unseen_starts, 2);
+        assert!(
+            decision.reasons(&settings)[1].starts_with("2 start(s) not yet in the fleet metrics")
+        );
+        // A start no ready pod admits is the snapshot showing it already: not counted again.
+        let full = FleetSnapshot {
+            pods: vec![Pod::new("full", PodState::Ready).with_active("room_composite", 1)],
+        };
+        let decision =
+            decide_with_unseen_starts(&settings, &Demand::default(), &full, &[RoomComposite]);
+        assert_eq!((decision.desired, decision.unseen_starts_unplaced), (1, 1));
+        // An audio composite (1 core) fits the busy pod, and shows there as the pod's metrics
+        // will show it: as a room_composite.
+        let (seen, _) = with_unseen_starts(&settings, &fleet, &[AudioRoomComposite]);
+        assert_eq!(seen.pods[1].active.get("room_composite"), Some(&1));
+        assert_eq!(seen.pods[0].active_total(), 0);
     }
 
     #[test]

@@ -32,7 +32,7 @@
 //! | `egress-scaler:{q}:seq` | STRING | the enqueue sequence counter (`INCR`) |
 //! | `egress-scaler:{q}:ticket:<id>` | HASH | one ticket (fields below); expires `finished_ttl` after it ends, fails or is cancelled |
 //! | `egress-scaler:{q}:dedup` | HASH | dedup key -> id of the queued, dispatching or active ticket holding it |
-//! | `egress-scaler:{q}:demand` | HASH | kind -> tickets not started yet (queued + dispatching); the only key `GetMetrics` reads |
+//! | `egress-scaler:{q}:demand` | HASH | kind -> tickets not started yet (queued + dispatching); `GetMetrics` reads it with the recent starts ([`QueueStore::scaling_input`]) |
 //! | `egress-scaler:{q}:queued` | HASH | kind -> queued tickets |
 //! | `egress-scaler:{q}:dispatching` | ZSET | ids of tickets being started, scored by claim time |
 //! | `egress-scaler:{q}:active` | ZSET | ids of recording tickets, scored by start time |
@@ -41,6 +41,7 @@
 //! | `egress-scaler:{q}:room:<room name>` | SET | ids of the queued tickets of one room |
 //! | `egress-scaler:{q}:events` | pub/sub channel | the queue name is published on every change (classic `PUBLISH`: every node of a cluster hears it) |
 //! | `egress-scaler:{q}:fence` | STRING | the dispatcher lease's fencing counter (`INCR` on each acquisition, see `dispatch::lease`) |
+//! | `egress-scaler:{q}:webhook:<delivery>` | STRING | a webhook delivery acted on ([`DeliveryId`]), for 10 minutes |
 //!
 //! Ticket hash fields: `state`, `kind`, `room`, `request` (optional, the LiveKit request
 //! verbatim), `dedup`, `digest` (SHA-256 of kind, room and request: what "the same request"
@@ -49,6 +50,15 @@
 //! `egress_id` and `started_at` once active; `ended_at` once finished; `error` when failed.
 //! Times are milliseconds since the Unix epoch, given by the caller. The counter hashes hold
 //! non-zero kinds only: a missing kind counts zero.
+//!
+//! # Lost tickets
+//!
+//! Redis must not evict (`maxmemory-policy noeviction`; see [`watch_eviction_policy`]). A
+//! ticket whose hash is gone all the same (evicted, deleted by hand) is removed by the reading
+//! script that meets it (`queue/repair.lua`: `peek`/`peek_n`, `stats`, the scaling input at
+//! the head of the FIFO), and the `queued` and `demand` counters are recounted from the
+//! tickets that survive, since its kind went with the hash; so it never holds a strict queue,
+//! the oldest wait or the demand.
 //!
 //! The dispatcher writes through [`QueueStore::fenced`]: each of its transitions carries the
 //! fencing token of its lease, and the script refuses it ([`QueueError::Fenced`]) once a newer
@@ -411,6 +421,154 @@ pub struct QueueStats {
     pub dead_letters: u64,
 }
 
+/// The replica model's input read from one queue (see [`QueueStore::scaling_input`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ScalingInput {
+    /// Tickets not started yet (queued + dispatching), by kind.
+    pub demand: Demand,
+    /// Kinds of the tickets started after the time asked, oldest start first.
+    pub started_since: Vec<EgressKind>,
+}
+
+/// Most starts [`QueueStore::scaling_input`] reads: far more than start within one fleet
+/// refresh, so the bound only protects the KEDA call from a clock gone wrong.
+pub const MAX_UNSEEN_STARTS: usize = 10_000;
+
+/// Identifies one webhook delivery: the event `id` (when it is a plain `EV_...` word) and the
+/// SHA-256 of the body, so that a replay is recognised and a new event never is.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct DeliveryId(String);
+
+impl DeliveryId {
+    /// The delivery of an event with `event_id` (may be empty) and raw `body`.
+    pub fn new(event_id: &str, body: &[u8]) -> Self {
+        use sha2::Digest;
+        let digest = sha2::Sha256::digest(body);
+        let hex: String = digest.iter().map(|byte| format!("{byte:02x}")).collect();
+        let plain = !event_id.is_empty()
+            && event_id.len() <= 64
+            && event_id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+        DeliveryId(if plain {
+            format!("{event_id}:{hex}")
+        } else {
+            format!("-:{hex}")
+        })
+    }
+
+    /// The text used in the Redis key.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// The `maxmemory-policy` of the Redis holding the queue. Anything but `noeviction` may evict a
+/// ticket hash under memory pressure, and a recording with it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "state", content = "detail", rename_all = "snake_case")]
+pub enum EvictionPolicy {
+    /// `noeviction`: writes fail when memory is full; nothing is lost silently.
+    NoEviction,
+    /// A policy that evicts keys, named as Redis names it.
+    Evicts(String),
+    /// Redis answered neither `CONFIG GET` nor `INFO memory`; why.
+    Unknown(String),
+}
+
+impl EvictionPolicy {
+    /// The policy named by Redis.
+    pub fn parse(name: &str) -> Self {
+        match name.trim() {
+            "noeviction" => EvictionPolicy::NoEviction,
+            other => EvictionPolicy::Evicts(other.to_owned()),
+        }
+    }
+
+    /// True only for `noeviction`.
+    pub fn is_safe(&self) -> bool {
+        matches!(self, EvictionPolicy::NoEviction)
+    }
+
+    /// The policy's name, or `unknown`.
+    pub fn name(&self) -> &str {
+        match self {
+            EvictionPolicy::NoEviction => "noeviction",
+            EvictionPolicy::Evicts(name) => name,
+            EvictionPolicy::Unknown(_) => "unknown",
+        }
+    }
+
+    /// The warning for operators, `None` for `noeviction`.
+    pub fn warning(&self) -> Option<String> {
+        match self {
+            EvictionPolicy::NoEviction => None,
+            EvictionPolicy::Evicts(name) => Some(format!(
+                "Redis maxmemory-policy is {name}: under memory pressure Redis may evict a ticket and lose its recording; set maxmemory-policy noeviction"
+            )),
+            EvictionPolicy::Unknown(why) => Some(format!(
+                "Redis maxmemory-policy is unknown ({why}): make sure it is noeviction, or an evicted ticket loses its recording"
+            )),
+        }
+    }
+}
+
+/// How often [`watch_eviction_policy`] reads the policy again without a reconnection (an
+/// operator may change it with `CONFIG SET`).
+const EVICTION_POLICY_RECHECK: Duration = Duration::from_secs(300);
+
+/// Reads the `maxmemory-policy` now, after every (re)subscription of the event listener (a
+/// reconnection, maybe to another Redis) and every 5 minutes; logs a warning whenever it is
+/// not `noeviction` and hands every reading to `report`. Returns when `shutdown` is cancelled.
+pub async fn watch_eviction_policy(
+    store: QueueStore,
+    mut events: broadcast::Receiver<QueueEvent>,
+    mut report: impl FnMut(&EvictionPolicy) + Send,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let policy = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            policy = store.read_eviction_policy() => policy,
+        };
+        match policy.warning() {
+            Some(warning) => tracing::warn!(policy = policy.name(), "{warning}."),
+            None => tracing::debug!("Redis maxmemory-policy is noeviction."),
+        }
+        report(&policy);
+        let recheck = tokio::time::sleep(EVICTION_POLICY_RECHECK);
+        tokio::pin!(recheck);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = &mut recheck => break,
+                event = events.recv() => match event {
+                    Ok(QueueEvent::Resync) => break,
+                    Ok(QueueEvent::Changed(_)) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(broadcast::error::RecvError::Closed) => {
+                        // No more reconnection notices: keep the periodic reading only.
+                        tokio::select! {
+                            _ = shutdown.cancelled() => return,
+                            _ = &mut recheck => break,
+                        }
+                    }
+                },
+            }
+        }
+    }
+}
+
+/// Logs the tickets a reading script found lost and removed.
+fn log_lost_tickets(queue: &QueueName, removed: &[String]) {
+    if !removed.is_empty() {
+        tracing::warn!(
+            %queue,
+            tickets = ?removed,
+            "Ticket hashes were gone (evicted or deleted): removed from the queue, counters recounted. Their recordings are lost; set Redis maxmemory-policy noeviction."
+        );
+    }
+}
+
 /// What a cancel did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CancelOutcome {
@@ -508,6 +666,10 @@ impl Keys {
     fn room(&self, room_name: &str) -> String {
         format!("{}room:{room_name}", self.prefix)
     }
+
+    fn delivery(&self, delivery: &DeliveryId) -> String {
+        format!("{}webhook:{}", self.prefix, delivery.as_str())
+    }
 }
 
 /// A transition script: the shared prelude followed by the script's own body.
@@ -531,8 +693,21 @@ static END: LazyLock<Script> = transition_script!("queue/end.lua");
 static CANCEL: LazyLock<Script> = transition_script!("queue/cancel.lua");
 static UNSETTLE: LazyLock<Script> = transition_script!("queue/unsettle.lua");
 static OVER: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("queue/over.lua")));
-static STATS: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("queue/stats.lua")));
-static RANGE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("queue/range.lua")));
+/// A reading script that can meet a lost ticket: `queue/repair.lua` followed by the script.
+macro_rules! reading_script {
+    ($file:literal) => {
+        LazyLock::new(|| {
+            Script::new(concat!(
+                include_str!("queue/repair.lua"),
+                include_str!($file)
+            ))
+        })
+    };
+}
+
+static STATS: LazyLock<Script> = reading_script!("queue/stats.lua");
+static RANGE: LazyLock<Script> = reading_script!("queue/range.lua");
+static SCALING: LazyLock<Script> = reading_script!("queue/scaling.lua");
 
 /// An invocation of a transition script on `ticket` with the keys and arguments of
 /// `queue/prelude.lua`; the caller appends the script's own arguments.
@@ -710,6 +885,8 @@ pub struct QueueStore {
     finished_ttl: Duration,
     /// Bound on every call, waiting for a (re)connection included.
     call_timeout: Duration,
+    /// The `maxmemory-policy` last read, shared by every clone.
+    eviction_policy: Arc<Mutex<Option<EvictionPolicy>>>,
 }
 
 /// How new connections are made: to the URL's node, or to the cluster it belongs to.
@@ -833,6 +1010,7 @@ impl QueueStore {
             })),
             finished_ttl: options.finished_ttl,
             call_timeout,
+            eviction_policy: Arc::new(Mutex::new(None)),
         })
     }
 
@@ -935,6 +1113,140 @@ impl QueueStore {
         parse_demand(decode(counts, "demand counters")?)
     }
 
+    /// The replica model's input in one round trip: the demand, and the kinds of the tickets
+    /// started after `started_after_ms` (oldest first, at most [`MAX_UNSEEN_STARTS`]), which
+    /// a fleet snapshot taken before may not show. `None` reads no starts.
+    pub async fn scaling_input(
+        &self,
+        queue: &QueueName,
+        started_after_ms: Option<u64>,
+    ) -> Result<ScalingInput, QueueError> {
+        let keys = Keys::of(queue);
+        let mut invocation = SCALING.prepare_invoke();
+        for key in [
+            "demand",
+            "active",
+            "pending",
+            "dispatching",
+            "queued",
+            "dedup",
+            "egress",
+        ] {
+            invocation.key(keys.key(key));
+        }
+        invocation.arg(&keys.prefix);
+        match started_after_ms {
+            Some(after) => invocation.arg(after),
+            None => invocation.arg(""),
+        };
+        invocation
+            .arg(MAX_UNSEEN_STARTS)
+            .arg(events_channel(queue))
+            .arg(queue.as_str());
+        let (demand, kinds, removed): (HashMap<String, u64>, Vec<String>, Vec<String>) =
+            decode(self.invoke(&invocation).await?, "scaling input")?;
+        log_lost_tickets(queue, &removed);
+        let started_since = kinds
+            .iter()
+            .map(|kind| {
+                kind.parse::<EgressKind>()
+                    .map_err(|error| QueueError::Corrupt(error.to_string()))
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(ScalingInput {
+            demand: parse_demand(demand)?,
+            started_since,
+        })
+    }
+
+    /// Whether a webhook delivery was already acted on (see [`QueueStore::remember_delivery`]).
+    pub async fn delivery_seen(
+        &self,
+        queue: &QueueName,
+        delivery: &DeliveryId,
+    ) -> Result<bool, QueueError> {
+        let key = Keys::of(queue).delivery(delivery);
+        let exists = self.query(redis::cmd("EXISTS").arg(key)).await?;
+        let exists: i64 = decode(exists, "delivery mark")?;
+        Ok(exists == 1)
+    }
+
+    /// Remembers a webhook delivery as acted on for `ttl`; false when it already was.
+    pub async fn remember_delivery(
+        &self,
+        queue: &QueueName,
+        delivery: &DeliveryId,
+        ttl: Duration,
+    ) -> Result<bool, QueueError> {
+        let key = Keys::of(queue).delivery(delivery);
+        let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
+        let set = self
+            .query(
+                redis::cmd("SET")
+                    .arg(key)
+                    .arg(1)
+                    .arg("NX")
+                    .arg("PX")
+                    .arg(ttl_ms),
+            )
+            .await?;
+        let set: Option<String> = decode(set, "delivery mark")?;
+        Ok(set.is_some())
+    }
+
+    /// Asks the URL's node for its `maxmemory-policy`: `CONFIG GET`, else (a managed Redis
+    /// may deny CONFIG) `INFO memory`; [`EvictionPolicy::Unknown`] when neither answers.
+    pub async fn read_eviction_policy(&self) -> EvictionPolicy {
+        let asked = tokio::time::timeout(self.call_timeout, async {
+            let mut connection = self.client.get_multiplexed_async_connection().await?;
+            let config: redis::RedisResult<Value> = redis::cmd("CONFIG")
+                .arg("GET")
+                .arg("maxmemory-policy")
+                .query_async(&mut connection)
+                .await;
+            if let Ok(value) = config
+                && let Ok(pairs) = redis::from_redis_value::<HashMap<String, String>>(value)
+                && let Some(policy) = pairs.get("maxmemory-policy")
+            {
+                return Ok(Some(policy.clone()));
+            }
+            let info: redis::RedisResult<String> = redis::cmd("INFO")
+                .arg("memory")
+                .query_async(&mut connection)
+                .await;
+            Ok::<_, redis::RedisError>(info.ok().and_then(|info| {
+                info.lines()
+                    .find_map(|line| line.trim().strip_prefix("maxmemory_policy:"))
+                    .map(str::to_owned)
+            }))
+        })
+        .await;
+        let policy = match asked {
+            Ok(Ok(Some(policy))) => EvictionPolicy::parse(&policy),
+            Ok(Ok(None)) => EvictionPolicy::Unknown(
+                "Redis answered neither CONFIG GET nor INFO memory".to_owned(),
+            ),
+            Ok(Err(error)) => EvictionPolicy::Unknown(format!("Redis did not answer: {error}")),
+            Err(_) => EvictionPolicy::Unknown(format!(
+                "Redis did not answer within {:?}",
+                self.call_timeout
+            )),
+        };
+        *self
+            .eviction_policy
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(policy.clone());
+        policy
+    }
+
+    /// The `maxmemory-policy` last read by [`QueueStore::read_eviction_policy`], if any.
+    pub fn eviction_policy(&self) -> Option<EvictionPolicy> {
+        self.eviction_policy
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
     /// Counters, depth and the oldest wait of `queue`, in one script.
     pub async fn stats(&self, queue: &QueueName) -> Result<QueueStats, QueueError> {
         let keys = Keys::of(queue);
@@ -946,7 +1258,11 @@ impl QueueStore {
             .key(keys.key("dispatching"))
             .key(keys.key("active"))
             .key(keys.key("dead"))
-            .arg(&keys.prefix);
+            .key(keys.key("dedup"))
+            .key(keys.key("egress"))
+            .arg(&keys.prefix)
+            .arg(events_channel(queue))
+            .arg(queue.as_str());
         type Reply = (
             HashMap<String, u64>,
             HashMap<String, u64>,
@@ -955,9 +1271,11 @@ impl QueueStore {
             u64,
             u64,
             u64,
+            Vec<String>,
         );
-        let (queued, demand, depth, oldest, dispatching, active, dead_letters): Reply =
+        let (queued, demand, depth, oldest, dispatching, active, dead_letters, removed): Reply =
             decode(self.invoke(&invocation).await?, "stats reply")?;
+        log_lost_tickets(queue, &removed);
         Ok(QueueStats {
             queued: parse_demand(queued)?,
             demand: parse_demand(demand)?,
@@ -1340,13 +1658,28 @@ impl QueueStore {
         }
         let keys = Keys::of(queue);
         let mut invocation = RANGE.prepare_invoke();
+        invocation.key(keys.key(set));
+        for key in [
+            "pending",
+            "dispatching",
+            "active",
+            "queued",
+            "demand",
+            "dedup",
+            "egress",
+        ] {
+            invocation.key(keys.key(key));
+        }
         invocation
-            .key(keys.key(set))
             .arg(&keys.prefix)
             .arg(count)
-            .arg(order);
-        let entries: Vec<(String, HashMap<String, String>)> =
-            decode(self.invoke(&invocation).await?, set)?;
+            .arg(order)
+            .arg(events_channel(queue))
+            .arg(queue.as_str())
+            .arg(if set == "pending" { "1" } else { "0" });
+        type Reply = (Vec<(String, HashMap<String, String>)>, Vec<String>);
+        let (entries, removed): Reply = decode(self.invoke(&invocation).await?, set)?;
+        log_lost_tickets(queue, &removed);
         entries
             .into_iter()
             .map(|(id, fields)| parse_ticket(parse_ticket_id(id)?, fields))
@@ -1979,6 +2312,36 @@ mod tests {
                 .all(|info| info.redis_settings().password() == Some("secret"))
         );
         assert!(cluster_nodes(&Value::Nil, &asked).is_empty());
+    }
+
+    #[test]
+    fn deliveries_are_known_by_event_id_and_body() {
+        let body = br#"{"event":"room_started","id":"EV_abc"}"#;
+        let delivery = DeliveryId::new("EV_abc", body);
+        assert!(delivery.as_str().starts_with("EV_abc:"));
+        assert_eq!(delivery.as_str().len(), "EV_abc:".len() + 64);
+        assert_eq!(delivery, DeliveryId::new("EV_abc", body));
+        assert_ne!(delivery, DeliveryId::new("EV_abd", body));
+        assert_ne!(delivery, DeliveryId::new("EV_abc", b"{}"));
+        // No id, or one unfit for a key: the body's digest alone.
+        assert!(DeliveryId::new("", body).as_str().starts_with("-:"));
+        assert!(DeliveryId::new("a b:*", body).as_str().starts_with("-:"));
+    }
+
+    #[test]
+    fn only_noeviction_is_safe() {
+        assert_eq!(
+            EvictionPolicy::parse("noeviction"),
+            EvictionPolicy::NoEviction
+        );
+        assert!(EvictionPolicy::parse("noeviction").warning().is_none());
+        let lru = EvictionPolicy::parse("allkeys-lru");
+        assert!(!lru.is_safe());
+        assert_eq!(lru.name(), "allkeys-lru");
+        assert!(lru.warning().unwrap().contains("allkeys-lru"));
+        let unknown = EvictionPolicy::Unknown("denied".to_owned());
+        assert_eq!(unknown.name(), "unknown");
+        assert!(!unknown.is_safe());
     }
 
     #[test]

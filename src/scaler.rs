@@ -2,10 +2,13 @@
 //!
 //! `scalerMetadata` is validated once into a [`Target`], whose queue must be one this process
 //! serves (`InvalidArgument` otherwise, so no caller can scale on, or add metric series for, a
-//! queue nobody dispatches); every answer reads the queue's demand
-//! counters from Redis (one round trip) and the latest fleet snapshot (no scrape), and runs
-//! [`crate::model::decide`]. When either input is missing the answer is `Unavailable`, so
-//! KEDA keeps the current replica count instead of scaling on a made-up zero.
+//! queue nobody dispatches); every answer reads the latest fleet snapshot (no scrape) and, in
+//! one Redis round trip, the queue's demand counters and the kinds of the tickets started since
+//! that snapshot's observation began (minus the Prometheus lag with that source), and runs
+//! [`crate::model::decide_with_unseen_starts`]: a start the snapshot does not show yet keeps
+//! its pod busy, whichever replica dispatched it, so desired does not dip until the next
+//! refresh. When either input is missing the answer is `Unavailable`, so KEDA keeps the
+//! current replica count instead of scaling on a made-up zero.
 
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -18,7 +21,8 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 use crate::fleet::Fleet;
-use crate::model::{Decision, Settings, decide};
+use crate::intake::now_ms;
+use crate::model::{Decision, PodState, Settings, decide_with_unseen_starts};
 use crate::queue::{QueueEvent, QueueName, QueueStore, ServedQueues};
 use crate::telemetry::{Metrics, RpcMethod};
 
@@ -135,6 +139,22 @@ pub struct Evaluator {
     store: QueueStore,
     fleet: Fleet,
     metrics: Arc<Metrics>,
+    /// How long after a start the fleet source may still not show it (the Prometheus scrape
+    /// interval; zero when the pods are scraped directly).
+    observation_lag: Duration,
+}
+
+/// The time (ms since the epoch) after which a start may be missing from a fleet snapshot:
+/// when its observation began (`refresh_duration` before it finished, `age` ago), minus the
+/// source's `lag`.
+pub fn unseen_after_ms(
+    now_ms: u64,
+    age: Duration,
+    refresh_duration: Duration,
+    lag: Duration,
+) -> u64 {
+    let before = (age + refresh_duration + lag).as_millis();
+    now_ms.saturating_sub(u64::try_from(before).unwrap_or(u64::MAX))
 }
 
 /// Why no decision could be made.
@@ -155,14 +175,43 @@ impl Evaluator {
             store,
             fleet,
             metrics,
+            observation_lag: Duration::ZERO,
         }
     }
 
-    /// Reads demand and fleet and decides.
+    /// The same, for a fleet source that shows a start up to `lag` late (Prometheus).
+    pub fn with_observation_lag(mut self, lag: Duration) -> Self {
+        self.observation_lag = lag;
+        self
+    }
+
+    /// Reads the fleet, then demand and recent starts, and decides.
     pub async fn evaluate(&self, target: &Target) -> Result<Decision, EvaluateError> {
-        let demand = self.store.demand(&target.queue).await?;
         let fleet = self.fleet.current()?;
-        let decision = decide(&target.settings, &demand, &fleet.snapshot());
+        let snapshot = fleet.snapshot();
+        // Only a ready pod takes a start: without one there is nowhere to count it.
+        let unseen_after = snapshot
+            .pods
+            .iter()
+            .any(|pod| pod.state == PodState::Ready)
+            .then(|| {
+                unseen_after_ms(
+                    now_ms(),
+                    fleet.age(),
+                    fleet.refresh_duration,
+                    self.observation_lag,
+                )
+            });
+        let input = self
+            .store
+            .scaling_input(&target.queue, unseen_after)
+            .await?;
+        let decision = decide_with_unseen_starts(
+            &target.settings,
+            &input.demand,
+            &snapshot,
+            &input.started_since,
+        );
         self.metrics.record_decision(&target.queue, &decision);
         Ok(decision)
     }
@@ -432,6 +481,22 @@ mod tests {
             &"default".parse().unwrap(),
             &Settings::default(),
         )
+    }
+
+    #[test]
+    fn starts_count_as_unseen_from_when_the_observation_began_minus_the_lag() {
+        let now = 1_000_000;
+        let age = Duration::from_millis(300);
+        let refresh = Duration::from_millis(200);
+        assert_eq!(unseen_after_ms(now, age, refresh, Duration::ZERO), 999_500);
+        assert_eq!(
+            unseen_after_ms(now, age, refresh, Duration::from_secs(30)),
+            969_500
+        );
+        assert_eq!(
+            unseen_after_ms(10, age, refresh, Duration::from_secs(30)),
+            0
+        );
     }
 
     #[test]

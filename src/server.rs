@@ -183,6 +183,18 @@ pub async fn start(config: ServeConfig, shutdown: CancellationToken) -> anyhow::
         });
     }
 
+    {
+        // An evicted ticket hash loses a recording: say so loudly when Redis may evict.
+        let (store, metrics, token) = (store.clone(), Arc::clone(&metrics), shutdown.clone());
+        let events = events.subscribe();
+        tasks.spawn(async move {
+            let report =
+                move |policy: &queue::EvictionPolicy| metrics.record_eviction_policy(policy);
+            queue::watch_eviction_policy(store, events, report, token).await;
+            Ok(())
+        });
+    }
+
     if let (Some(url), Some(credentials)) = (&config.livekit_url, &config.credentials) {
         let holder = format!(
             "{}-{}",
@@ -228,7 +240,8 @@ pub async fn start(config: ServeConfig, shutdown: CancellationToken) -> anyhow::
         }
     }
 
-    let evaluator = Evaluator::new(store.clone(), fleet.clone(), Arc::clone(&metrics));
+    let evaluator = Evaluator::new(store.clone(), fleet.clone(), Arc::clone(&metrics))
+        .with_observation_lag(reservation_lag);
     let scaler = ScalerService::new(
         evaluator,
         config.queues.clone(),

@@ -20,7 +20,7 @@ use std::sync::atomic::AtomicU64;
 
 use crate::config::LogFormat;
 use crate::model::{Decision, EgressKind};
-use crate::queue::{QueueName, QueueStats, ServedQueues};
+use crate::queue::{EvictionPolicy, QueueName, QueueStats, ServedQueues};
 
 /// Labels of the per-queue gauges.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
@@ -102,6 +102,17 @@ pub struct Metrics {
     pub dead_letters: Family<QueueLabels, Gauge>,
     /// The only queues that get series.
     served: ServedQueues,
+    /// 1 when Redis's `maxmemory-policy` is `noeviction`, 0 otherwise or unknown.
+    pub redis_eviction_policy_ok: Gauge,
+    /// 1 for the `maxmemory-policy` last read (the only series), by policy name.
+    pub redis_eviction_policy: Family<PolicyLabels, Gauge>,
+}
+
+/// Labels of the Redis eviction policy gauge.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct PolicyLabels {
+    /// The policy as Redis names it (one of its eight), or `unknown`.
+    pub policy: String,
 }
 
 impl Metrics {
@@ -118,6 +129,8 @@ impl Metrics {
             }),
             enqueue_requests: Family::default(),
             dead_letters: Family::default(),
+            redis_eviction_policy_ok: Gauge::default(),
+            redis_eviction_policy: Family::default(),
         };
         registry.register(
             "egress_scaler_queue_depth",
@@ -154,6 +167,16 @@ impl Metrics {
             "Failed tickets kept as dead letters, by queue",
             metrics.dead_letters.clone(),
         );
+        registry.register(
+            "egress_scaler_redis_eviction_policy_ok",
+            "1 when Redis's maxmemory-policy is noeviction; 0 when it may evict tickets or is unknown",
+            metrics.redis_eviction_policy_ok.clone(),
+        );
+        registry.register(
+            "egress_scaler_redis_eviction_policy",
+            "Redis's maxmemory-policy as last read (value 1, the policy in the label)",
+            metrics.redis_eviction_policy.clone(),
+        );
         Arc::new(metrics)
     }
 
@@ -164,6 +187,19 @@ impl Metrics {
             tracing::debug!(%queue, "No metric series for a queue this process does not serve.");
         }
         served
+    }
+
+    /// Records the Redis `maxmemory-policy` last read.
+    pub fn record_eviction_policy(&self, policy: &EvictionPolicy) {
+        self.redis_eviction_policy_ok
+            .set(i64::from(policy.is_safe()));
+        // One series: the policy may change, and the old label must not linger.
+        self.redis_eviction_policy.clear();
+        self.redis_eviction_policy
+            .get_or_create(&PolicyLabels {
+                policy: policy.name().to_owned(),
+            })
+            .set(1);
     }
 
     /// Records a decision for a served queue.
@@ -340,6 +376,8 @@ pub enum WebhookOutcome {
     rejected,
     /// Redis was unavailable; LiveKit may deliver it again.
     error,
+    /// The same delivery (event id and body) was acted on before: answered 200, ignored.
+    replayed,
 }
 
 /// Labels of the webhook counter.

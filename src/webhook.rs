@@ -15,8 +15,14 @@
 //! `room_started` queues into the default queue; the other events act on every served
 //! queue, since a room's or an egress's tickets may be in any of them.
 //!
-//! Deliveries can be lost or repeated: every handler is idempotent, and the dispatcher's
-//! periodic reconcile catches what a lost webhook missed.
+//! Deliveries can be lost or repeated. Each delivery acted on is remembered in Redis for 10
+//! minutes (its event `id` and the SHA-256 of its body, `SET NX PX`), longer than the 5 minutes
+//! its token is valid: a replay is answered 200 and ignored (outcome `replayed`), so a
+//! `room_started` replayed after its recording was cancelled queues nothing, and a
+//! `room_finished` replayed after a new room of the same name started cancels nothing. The
+//! mark is written after acting, so a delivery that failed (503) is acted on when LiveKit
+//! retries it. Every handler is also idempotent, and the dispatcher's periodic reconcile
+//! catches what a lost webhook missed.
 
 use std::time::Duration;
 
@@ -35,10 +41,14 @@ use crate::egress_request::StartRequest;
 use crate::intake::{AppState, now_ms};
 use crate::model::EgressKind;
 use crate::queue::{
-    CancelOutcome, Finish, NewRequest, QueueError, QueueName, QueueStore, ServedQueues,
+    CancelOutcome, DeliveryId, Finish, NewRequest, QueueError, QueueName, QueueStore, ServedQueues,
     TicketState,
 };
 use crate::telemetry::{WebhookEvent, WebhookOutcome};
+
+/// How long a delivery acted on is remembered: longer than its token is valid (livekit-server
+/// signs webhooks for 5 minutes), so a replay is either recognised or refused as expired.
+pub const DELIVERY_MEMORY: Duration = Duration::from_secs(10 * 60);
 
 /// Largest webhook body accepted (an `EgressInfo` with many segments is larger than an API
 /// request).
@@ -152,22 +162,49 @@ pub async fn receive(State(state): State<AppState>, headers: HeaderMap, body: By
         }
     };
     let label = event_label(&event.event);
-    match handle(&state.store, webhooks, &event).await {
-        Ok(applied) => {
-            let outcome = if applied {
-                WebhookOutcome::applied
-            } else {
-                WebhookOutcome::ignored
-            };
-            state.dispatch_metrics.webhook(label, outcome);
-            StatusCode::OK.into_response()
+    let failed = |error: QueueError| {
+        tracing::warn!(%error, event = %event.event, "Webhook not applied: the queue store is unavailable.");
+        state.dispatch_metrics.webhook(label, WebhookOutcome::error);
+        StatusCode::SERVICE_UNAVAILABLE.into_response()
+    };
+    // Acted on once: a delivery is remembered only after it was acted on, so that a failure
+    // (503) leaves it to LiveKit's retry; a crash in between means it may act twice, which
+    // every handler tolerates at once (a replay minutes later is what must not act).
+    let delivery = DeliveryId::new(&event.id, &body);
+    match state
+        .store
+        .delivery_seen(webhooks.queues.default_queue(), &delivery)
+        .await
+    {
+        Ok(true) => {
+            tracing::debug!(event = %event.event, id = %event.id, "Webhook delivery seen before; ignored.");
+            state
+                .dispatch_metrics
+                .webhook(label, WebhookOutcome::replayed);
+            return StatusCode::OK.into_response();
         }
-        Err(error) => {
-            tracing::warn!(%error, event = %event.event, "Webhook not applied: the queue store is unavailable.");
-            state.dispatch_metrics.webhook(label, WebhookOutcome::error);
-            StatusCode::SERVICE_UNAVAILABLE.into_response()
-        }
+        Ok(false) => {}
+        Err(error) => return failed(error),
     }
+    let applied = match handle(&state.store, webhooks, &event).await {
+        Ok(applied) => applied,
+        Err(error) => return failed(error),
+    };
+    if let Err(error) = state
+        .store
+        .remember_delivery(webhooks.queues.default_queue(), &delivery, DELIVERY_MEMORY)
+        .await
+    {
+        // Acted on: answering 503 would make LiveKit deliver it again for nothing.
+        tracing::warn!(%error, event = %event.event, id = %event.id, "Webhook applied but not remembered: a replay of it would act again.");
+    }
+    let outcome = if applied {
+        WebhookOutcome::applied
+    } else {
+        WebhookOutcome::ignored
+    };
+    state.dispatch_metrics.webhook(label, outcome);
+    StatusCode::OK.into_response()
 }
 
 /// Applies one verified event; true when it changed something.

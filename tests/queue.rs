@@ -1486,3 +1486,110 @@ async fn the_default_key_is_what_the_request_records_and_a_changed_request_confl
     assert_eq!((legacy.duplicate, legacy.conflict), (true, false));
     fx.stop();
 }
+
+#[tokio::test]
+async fn lost_ticket_hashes_are_removed_and_every_counter_recounted() {
+    let fx = Fixture::start().await;
+    let head = fx.enqueue(EgressKind::RoomComposite, "head").await;
+    let middle = fx.enqueue(EgressKind::Track, "middle").await;
+    let kept = fx.enqueue(EgressKind::Track, "kept").await;
+    let claimed = fx.enqueue(EgressKind::Participant, "claimed").await;
+    let claimed_lost = fx.enqueue(EgressKind::Participant, "claimed-lost").await;
+    let active_lost = fx.enqueue(EgressKind::Web, "active-lost").await;
+    let tail = fx.enqueue(EgressKind::Web, "tail").await;
+    for (ticket, attempt) in [
+        (&claimed, "a1"),
+        (&claimed_lost, "a2"),
+        (&active_lost, "a3"),
+    ] {
+        fx.store.claim(ticket, attempt, T0).await.unwrap().unwrap();
+    }
+    assert!(
+        fx.store
+            .mark_started(&active_lost, "EG_lost", T0)
+            .await
+            .unwrap()
+    );
+    let mut raw = fx.raw().await;
+    for ticket in [&head, &middle, &claimed_lost, &active_lost] {
+        let deleted: i64 = redis::cmd("DEL")
+            .arg(ticket_key(ticket))
+            .query_async(&mut raw)
+            .await
+            .unwrap();
+        assert_eq!(deleted, 1);
+    }
+
+    // The lost head is found by peek: removed with every other lost ticket, counters recounted.
+    let first = fx.store.peek(&fx.queue).await.unwrap().unwrap();
+    assert_eq!(first.id, kept);
+    assert_eq!(fx.pending().await, [kept.clone(), tail.clone()]);
+    let stats = fx.store.stats(&fx.queue).await.unwrap();
+    assert_eq!(stats.depth, 2);
+    assert_eq!(stats.oldest_enqueued_at_ms, Some(T0));
+    assert_eq!(
+        stats.queued,
+        Demand::from_counts([(EgressKind::Track, 1), (EgressKind::Web, 1)])
+    );
+    assert_eq!(
+        stats.demand,
+        Demand::from_counts([
+            (EgressKind::Track, 1),
+            (EgressKind::Web, 1),
+            (EgressKind::Participant, 1)
+        ])
+    );
+    assert_eq!((stats.dispatching, stats.active), (1, 0));
+    assert_eq!(
+        fx.store
+            .ticket_for_egress(&fx.queue, "EG_lost")
+            .await
+            .unwrap(),
+        None
+    );
+    // The lost tickets' dedup keys are free again.
+    let again = fx
+        .store
+        .enqueue(&fx.queue, request(EgressKind::RoomComposite, "head"), T0)
+        .await
+        .unwrap();
+    assert!(!again.duplicate);
+    assert_eq!(again.position, Some(2));
+    fx.stop();
+}
+
+#[tokio::test]
+async fn the_scaling_input_repairs_a_lost_head_and_reads_recent_starts_in_order() {
+    let fx = Fixture::start().await;
+    let lost = fx.enqueue(EgressKind::RoomComposite, "lost").await;
+    fx.enqueue(EgressKind::Track, "queued").await;
+    let early = fx.enqueue(EgressKind::Participant, "early").await;
+    let late = fx.enqueue(EgressKind::Web, "late").await;
+    let later = fx.enqueue(EgressKind::Track, "later").await;
+    for (ticket, at) in [(&early, T0 + 10), (&late, T0 + 20), (&later, T0 + 30)] {
+        fx.store.claim(ticket, "a", at).await.unwrap().unwrap();
+        assert!(
+            fx.store
+                .mark_started(ticket, &format!("EG_{at}"), at)
+                .await
+                .unwrap()
+        );
+    }
+    let mut raw = fx.raw().await;
+    let _: i64 = redis::cmd("DEL")
+        .arg(ticket_key(&lost))
+        .query_async(&mut raw)
+        .await
+        .unwrap();
+    let input = fx
+        .store
+        .scaling_input(&fx.queue, Some(T0 + 10))
+        .await
+        .unwrap();
+    assert_eq!(input.demand, Demand::from_counts([(EgressKind::Track, 1)]));
+    assert_eq!(input.started_since, [EgressKind::Web, EgressKind::Track]);
+    let none = fx.store.scaling_input(&fx.queue, None).await.unwrap();
+    assert!(none.started_since.is_empty());
+    assert_eq!(none.demand, input.demand);
+    fx.stop();
+}

@@ -334,3 +334,142 @@ async fn grpc_health_reports_serving() {
     assert_eq!(answer.status, 1, "SERVING");
     server.stop().await;
 }
+
+/// Claims and starts the head ticket as a dispatcher on another replica would.
+async fn start_head(store: &egress_scaler::queue::QueueStore, egress_id: &str) {
+    let queue: egress_scaler::queue::QueueName = "default".parse().unwrap();
+    let head = store.peek(&queue).await.unwrap().expect("a queued ticket");
+    let now = egress_scaler::intake::now_ms();
+    store
+        .claim(&head.id, "attempt", now)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(store.mark_started(&head.id, egress_id, now).await.unwrap());
+}
+
+/// Waits until `pod` has been scraped `more` more times than `since`.
+async fn scraped(pod: &egress_scaler::standin::EgressPodStandIn, since: u64, more: u64) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while pod.scrapes() < since + more {
+        assert!(Instant::now() < deadline, "the pod was not scraped again");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_start_keeps_its_pod_busy_until_a_refresh_shows_it() {
+    use egress_scaler::standin::EgressPodStandIn;
+    support::init();
+    let redis = redis();
+    let pod = EgressPodStandIn::start().await.unwrap();
+    let url = pod.metrics_url();
+    // Refreshes far apart compared with the calls below: a start falls between two of them.
+    let flags = [
+        "--egress-metrics",
+        &url,
+        "--fleet-refresh-seconds",
+        "1",
+        "--fleet-stale-seconds",
+        "60",
+    ];
+    let server = TestServer::start(config(&redis, &flags, &NoEnvironment)).await;
+    let store = egress_scaler::queue::QueueStore::connect(&redis.url(), Default::default())
+        .await
+        .unwrap();
+    let http = http_client();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while desired(&server, &[]).await.is_err() {
+        assert!(Instant::now() < deadline, "no fleet snapshot");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(desired(&server, &[]).await.unwrap(), 0, "an idle pod only");
+    let (status, _) = enqueue(
+        &http,
+        &server,
+        json!({"kind": "room_composite", "room_name": "standup"}),
+    )
+    .await;
+    assert_eq!(status, 202);
+    assert_eq!(
+        desired(&server, &[]).await.unwrap(),
+        1,
+        "the idle pod taken"
+    );
+
+    // Right after a scrape, so that the next refresh is most of a second away: the pod takes
+    // the job (its metrics will say so at the next scrape) and the ticket becomes active.
+    let before = pod.scrapes();
+    scraped(&pod, before, 1).await;
+    pod.set_busy(&[("room_composite", 1)]);
+    start_head(&store, "EG_standup").await;
+    let after_start = pod.scrapes();
+    assert_eq!(
+        desired(&server, &[]).await.unwrap(),
+        1,
+        "the start is counted on its pod before any refresh shows it"
+    );
+    // Across the refresh that shows the job, and after it, the answer stays 1.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while pod.scrapes() < after_start + 2 {
+        assert_eq!(desired(&server, &[]).await.unwrap(), 1);
+        assert!(Instant::now() < deadline, "no refresh came");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(desired(&server, &[]).await.unwrap(), 1);
+    assert!(is_active(&server, &[]).await.unwrap());
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_start_prometheus_does_not_show_yet_counts_for_the_lag() {
+    use egress_scaler::standin::{EgressPodStandIn, PrometheusStandIn};
+    support::init();
+    let redis = redis();
+    let pod = EgressPodStandIn::start().await.unwrap();
+    let prometheus = PrometheusStandIn::start().await.unwrap();
+    prometheus.add_target(&pod, "egress-0");
+    let url = prometheus.url();
+    let flags = [
+        "--prometheus-url",
+        &url,
+        "--fleet-refresh-seconds",
+        "0.05",
+        "--fleet-stale-seconds",
+        "60",
+    ];
+    let mut serve = config(&redis, &flags, &NoEnvironment);
+    serve.prometheus_lag = Duration::from_secs(30);
+    let server = TestServer::start(serve).await;
+    let store = egress_scaler::queue::QueueStore::connect(&redis.url(), Default::default())
+        .await
+        .unwrap();
+    let http = http_client();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while desired(&server, &[]).await.is_err() {
+        assert!(Instant::now() < deadline, "no fleet snapshot");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (status, _) = enqueue(
+        &http,
+        &server,
+        json!({"kind": "room_composite", "room_name": "standup"}),
+    )
+    .await;
+    assert_eq!(status, 202);
+    assert_eq!(desired(&server, &[]).await.unwrap(), 1);
+    // Started; Prometheus has not scraped the pod since, so the series still say idle.
+    start_head(&store, "EG_standup").await;
+    let queries = prometheus.queries().len();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while prometheus.queries().len() < queries + 6 {
+        assert!(Instant::now() < deadline, "the fleet was not refreshed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        desired(&server, &[]).await.unwrap(),
+        1,
+        "refreshes within the Prometheus lag still count the start"
+    );
+    server.stop().await;
+}

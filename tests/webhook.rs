@@ -447,3 +447,149 @@ async fn auto_recorded_rooms_are_started_ended_and_shown_in_status() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Posts `body` with one `authorization` header, as a replaying sender would: the same bytes
+/// and the same (still valid) signature.
+async fn replay(
+    client: &reqwest::Client,
+    server: &TestServer,
+    body: &str,
+    authorization: &str,
+) -> u16 {
+    post_webhook(client, server, body, Some(authorization.to_owned())).await
+}
+
+fn webhook_counter(metrics: &str, event: &str, outcome: &str) -> u64 {
+    let prefix =
+        format!("egress_scaler_webhooks_total{{event=\"{event}\",outcome=\"{outcome}\"}} ");
+    metrics
+        .lines()
+        .find_map(|line| line.strip_prefix(&prefix))
+        .map_or(0, |value| value.trim().parse().unwrap())
+}
+
+#[tokio::test]
+async fn replayed_deliveries_are_recognised_and_act_once() {
+    let redis = redis();
+    let server = TestServer::start(config(
+        &redis,
+        &["--auto-record", "room_composite"],
+        &credentials(),
+    ))
+    .await;
+    let store = store(&redis).await;
+    let client = http_client();
+    let queue: QueueName = "default".parse().unwrap();
+
+    // room_started queues the room; its recording is then cancelled by the backend.
+    let started = room_event("room_started", "standup");
+    let started_body = serde_json::to_string(&started).unwrap();
+    let started_signature = sign_webhook(KEY, SECRET, &started_body).unwrap();
+    assert_eq!(
+        replay(&client, &server, &started_body, &started_signature).await,
+        200
+    );
+    let queued = store.queued_in_room(&queue, "standup").await.unwrap();
+    assert_eq!(queued.len(), 1);
+    let cancelled = client
+        .delete(server.http(&format!("/v1/requests/{}", queued[0])))
+        .bearer_auth(api_token())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(cancelled.status(), 200);
+    // The identical signed delivery again: answered 200, queues nothing.
+    assert_eq!(
+        replay(&client, &server, &started_body, &started_signature).await,
+        200
+    );
+    assert!(
+        store
+            .queued_in_room(&queue, "standup")
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(store.stats(&queue).await.unwrap().depth, 0);
+
+    // room_finished of the first room; a new room of the same name starts (a new event).
+    let finished = room_event("room_finished", "standup");
+    let finished_body = serde_json::to_string(&finished).unwrap();
+    let finished_signature = sign_webhook(KEY, SECRET, &finished_body).unwrap();
+    assert_eq!(
+        replay(&client, &server, &finished_body, &finished_signature).await,
+        200
+    );
+    let mut second = room_event("room_started", "standup");
+    second.id = "EV_second_room".to_owned();
+    assert_eq!(send_event(&client, &server, &second).await, 200);
+    let new_room = store.queued_in_room(&queue, "standup").await.unwrap();
+    assert_eq!(new_room.len(), 1);
+    // The first room's room_finished replayed does not cancel the new room's recording.
+    assert_eq!(
+        replay(&client, &server, &finished_body, &finished_signature).await,
+        200
+    );
+    assert_eq!(state(&store, &new_room[0]).await, TicketState::Queued);
+
+    // An event without an id is known by its body alone.
+    let mut anonymous = room_event("room_finished", "other");
+    anonymous.id = String::new();
+    assert_eq!(send_event(&client, &server, &anonymous).await, 200);
+    assert_eq!(send_event(&client, &server, &anonymous).await, 200);
+
+    let metrics = client
+        .get(server.http("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(webhook_counter(&metrics, "room_started", "applied"), 2);
+    assert_eq!(webhook_counter(&metrics, "room_started", "replayed"), 1);
+    assert_eq!(webhook_counter(&metrics, "room_finished", "replayed"), 2);
+    assert_eq!(
+        webhook_counter(&metrics, "room_finished", "ignored"),
+        2,
+        "the first room_finished found nothing queued, nor the one without an id"
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_delivery_that_failed_is_acted_on_when_retried() {
+    let mut redis = redis();
+    let server = TestServer::start(config(
+        &redis,
+        &["--auto-record", "room_composite"],
+        &credentials(),
+    ))
+    .await;
+    let client = http_client();
+    let started = room_event("room_started", "retro");
+    let body = serde_json::to_string(&started).unwrap();
+    let signature = sign_webhook(KEY, SECRET, &body).unwrap();
+
+    // Redis is away: 503, and nothing is remembered.
+    redis.stop();
+    assert_eq!(replay(&client, &server, &body, &signature).await, 503);
+    redis.start_again().unwrap();
+    // LiveKit's retry of the same delivery acts.
+    let queue: QueueName = "default".parse().unwrap();
+    let store = store(&redis).await;
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            replay(&client, &server, &body, &signature).await == 200
+        })
+        .await
+    );
+    assert_eq!(
+        store.queued_in_room(&queue, "retro").await.unwrap().len(),
+        1
+    );
+    // And only once.
+    assert_eq!(replay(&client, &server, &body, &signature).await, 200);
+    assert_eq!(store.stats(&queue).await.unwrap().depth, 1);
+    server.stop().await;
+}
