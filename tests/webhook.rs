@@ -252,7 +252,10 @@ async fn egress_webhooks_adopt_confirm_and_end_tickets() {
     // Confirmed on a second delivery, nothing changes.
     assert_eq!(send_event(&client, &server, &started).await, 200);
 
-    let ended = egress_event("egress_ended", "EG_standup", "standup");
+    let mut ended = egress_event("egress_ended", "EG_standup", "standup");
+    if let Some(info) = ended.egress_info.as_mut() {
+        info.status = proto::EgressStatus::EgressComplete as i32;
+    }
     assert_eq!(send_event(&client, &server, &ended).await, 200);
     assert_eq!(state(&store, &ticket).await, TicketState::Ended);
     // The de-duplication key is free: the same room can be recorded again.
