@@ -366,6 +366,9 @@ struct TicketAnswer {
     ended_at: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     error: Option<String>,
+    /// A cancel was asked for while it was being started.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    cancel_requested: bool,
 }
 
 impl TicketAnswer {
@@ -381,6 +384,8 @@ impl TicketAnswer {
             started_at: ticket.started_at_ms.map(rfc3339),
             ended_at: ticket.ended_at_ms.map(rfc3339),
             error: ticket.error,
+            cancel_requested: ticket.cancel_requested_at_ms.is_some()
+                && !ticket.state.is_finished(),
         }
     }
 }
@@ -406,13 +411,25 @@ async fn get_ticket(
 async fn cancel_ticket(
     State(state): State<AppState>,
     Path(raw): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<(StatusCode, Json<Value>), ApiError> {
     let id = parse_ticket(&raw)?;
     match state.store.cancel(&id, now_ms()).await? {
         CancelOutcome::Cancelled => {
             tracing::info!(ticket = %id, "Request cancelled.");
-            Ok(Json(
-                json!({ "ticket": id, "state": TicketState::Cancelled }),
+            Ok((
+                StatusCode::OK,
+                Json(json!({ "ticket": id, "state": TicketState::Cancelled })),
+            ))
+        }
+        CancelOutcome::Requested => {
+            tracing::info!(ticket = %id, "Cancel asked for while the request is being started.");
+            Ok((
+                StatusCode::ACCEPTED,
+                Json(json!({
+                    "ticket": id,
+                    "state": TicketState::Dispatching,
+                    "cancel_requested": true,
+                })),
             ))
         }
         CancelOutcome::NotFound => Err(ApiError::new(

@@ -5,6 +5,7 @@
 //! - [`intake`]: the HTTP API (enqueue, lookup, cancel, status, metrics, health).
 //! - [`webhook`]: LiveKit webhooks: confirm, end and cancel tickets, auto-record new rooms.
 //! - [`egress_request`]: the LiveKit start request of a ticket, validated per kind.
+//! - [`egress_redact`]: that request as livekit-server lists it, secrets and stream keys hidden.
 //! - [`queue`]: the Redis FIFO of egress requests with de-duplication and demand counters.
 //! - [`fleet`]: background observer of the egress pods' metrics: the snapshot the model reads.
 //! - [`model`]: the replica model, pure: demand + fleet snapshot + settings -> decision.
@@ -24,6 +25,7 @@ pub mod cli;
 pub mod config;
 pub mod demo;
 pub mod dispatch;
+pub mod egress_redact;
 pub mod egress_request;
 pub mod fleet;
 pub mod intake;

@@ -386,6 +386,10 @@ pub struct Ticket {
     pub attempt_id: Option<String>,
     /// When the current dispatch attempt claimed it.
     pub dispatching_at_ms: Option<u64>,
+    /// When the current attempt was found to be of unknown outcome (being settled).
+    pub unsettled_at_ms: Option<u64>,
+    /// When a cancel was asked for while it was being started.
+    pub cancel_requested_at_ms: Option<u64>,
 }
 
 /// A summary of one queue, read without scanning it.
@@ -412,6 +416,9 @@ pub struct QueueStats {
 pub enum CancelOutcome {
     /// The ticket was queued and is now cancelled.
     Cancelled,
+    /// The ticket is being started: the intent is recorded, and the dispatcher cancels it
+    /// once the attempt is settled (stopping the egress if it started).
+    Requested,
     /// No such ticket (or it finished long enough ago to have expired).
     NotFound,
     /// The ticket is past queued; nothing changed.
@@ -522,6 +529,8 @@ static START: LazyLock<Script> = transition_script!("queue/start.lua");
 static FAIL: LazyLock<Script> = transition_script!("queue/fail.lua");
 static END: LazyLock<Script> = transition_script!("queue/end.lua");
 static CANCEL: LazyLock<Script> = transition_script!("queue/cancel.lua");
+static UNSETTLE: LazyLock<Script> = transition_script!("queue/unsettle.lua");
+static OVER: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("queue/over.lua")));
 static STATS: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("queue/stats.lua")));
 static RANGE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("queue/range.lua")));
 
@@ -550,15 +559,62 @@ fn transition<'a>(script: &'a Script, ticket: &TicketId) -> ScriptInvocation<'a>
     invocation
 }
 
-/// A ticket claimed by the dispatcher.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Claimed {
-    /// The ticket, now dispatching.
-    pub ticket: Ticket,
-    /// When an earlier attempt on it began (it was put back since): that attempt may have
-    /// started an egress after all, so look before starting another.
-    pub last_attempt_at_ms: Option<u64>,
+/// What recording an egress for a ticket did ([`FencedStore::mark_started`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StartOutcome {
+    /// The ticket is active with the egress.
+    Started,
+    /// The egress had already ended (its `egress_ended` came first): the ticket is ended.
+    AlreadyEnded,
+    /// The egress had already failed: the ticket is failed, a dead letter.
+    AlreadyFailed,
+    /// The ticket was not queued or dispatching: nothing changed.
+    NotApplied,
+    /// The egress is recorded for another ticket: nothing changed.
+    OwnedByOther,
 }
+
+impl StartOutcome {
+    /// True when the egress is now recorded for the ticket.
+    pub fn recorded(self) -> bool {
+        matches!(
+            self,
+            StartOutcome::Started | StartOutcome::AlreadyEnded | StartOutcome::AlreadyFailed
+        )
+    }
+}
+
+/// How a started (or being started) ticket finishes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Finish {
+    /// Its egress is over: the recording happened.
+    Ended,
+    /// Its egress failed or was aborted: a dead letter with LiveKit's error.
+    Failed(String),
+    /// Cancelled by its caller (its egress, if any, stopped).
+    Cancelled,
+}
+
+impl Finish {
+    fn state(&self) -> &'static str {
+        match self {
+            Finish::Ended => "ended",
+            Finish::Failed(_) => "failed",
+            Finish::Cancelled => "cancelled",
+        }
+    }
+
+    fn error(&self) -> &str {
+        match self {
+            Finish::Failed(error) => error,
+            _ => "",
+        }
+    }
+}
+
+/// How long the end of an egress no ticket recorded yet is remembered: longer than any start
+/// answer or settling takes to record it.
+const EGRESS_OVER_TTL: Duration = Duration::from_secs(15 * 60);
 
 /// The dispatcher's transitions, fenced by the token of its lease (see [`QueueStore::fenced`]).
 #[derive(Debug, Clone, Copy)]
@@ -573,16 +629,29 @@ impl FencedStore<'_> {
         self.token
     }
 
-    /// queued -> dispatching for `attempt_id`; `None` when it was not queued.
+    /// queued -> dispatching for `attempt_id`; the ticket as claimed, `None` when it was not
+    /// queued.
     pub async fn claim(
         &self,
         ticket: &TicketId,
         attempt_id: &str,
         now_ms: u64,
-    ) -> Result<Option<Claimed>, QueueError> {
+    ) -> Result<Option<Ticket>, QueueError> {
         self.store
             .claim_with(ticket, attempt_id, now_ms, Some(self.token))
             .await
+    }
+
+    /// Marks the attempt `attempt_id` of a dispatching ticket as of unknown outcome.
+    pub async fn unsettle(
+        &self,
+        ticket: &TicketId,
+        attempt_id: &str,
+        now_ms: u64,
+    ) -> Result<bool, QueueError> {
+        let mut invocation = transition(&UNSETTLE, ticket);
+        invocation.arg(attempt_id).arg(now_ms).arg(self.token);
+        self.store.applied(&invocation).await
     }
 
     /// dispatching (by `attempt_id`) -> queued, at its original place.
@@ -598,7 +667,7 @@ impl FencedStore<'_> {
         ticket: &TicketId,
         egress_id: &str,
         now_ms: u64,
-    ) -> Result<bool, QueueError> {
+    ) -> Result<StartOutcome, QueueError> {
         self.store
             .mark_started_with(ticket, egress_id, now_ms, Some(self.token))
             .await
@@ -616,10 +685,17 @@ impl FencedStore<'_> {
             .await
     }
 
-    /// active | dispatching -> ended.
-    pub async fn mark_ended(&self, ticket: &TicketId, now_ms: u64) -> Result<bool, QueueError> {
+    /// active | dispatching -> ended, failed or cancelled; a dispatching ticket records
+    /// `egress_id` (the egress its attempt turned out to have started) when given.
+    pub async fn finish(
+        &self,
+        ticket: &TicketId,
+        how: &Finish,
+        egress_id: Option<&str>,
+        now_ms: u64,
+    ) -> Result<bool, QueueError> {
         self.store
-            .mark_ended_with(ticket, now_ms, Some(self.token))
+            .finish_with(ticket, how, egress_id, now_ms, Some(self.token))
             .await
     }
 }
@@ -937,8 +1013,7 @@ impl QueueStore {
         attempt_id: &str,
         now_ms: u64,
     ) -> Result<Option<Ticket>, QueueError> {
-        let claimed = self.claim_with(ticket, attempt_id, now_ms, None).await?;
-        Ok(claimed.map(|claimed| claimed.ticket))
+        self.claim_with(ticket, attempt_id, now_ms, None).await
     }
 
     /// dispatching (by `attempt_id`) -> queued, back at its original place in the FIFO.
@@ -946,15 +1021,18 @@ impl QueueStore {
         self.requeue_with(ticket, attempt_id, None).await
     }
 
-    /// queued | dispatching -> active, recording `egress_id`.
+    /// queued | dispatching -> active, recording `egress_id`; true when the egress is now
+    /// recorded for the ticket (see [`StartOutcome`]).
     pub async fn mark_started(
         &self,
         ticket: &TicketId,
         egress_id: &str,
         now_ms: u64,
     ) -> Result<bool, QueueError> {
-        self.mark_started_with(ticket, egress_id, now_ms, None)
-            .await
+        let outcome = self
+            .mark_started_with(ticket, egress_id, now_ms, None)
+            .await?;
+        Ok(outcome.recorded())
     }
 
     /// queued | dispatching -> failed: frees the dedup key, keeps a dead letter.
@@ -969,33 +1047,64 @@ impl QueueStore {
 
     /// active | dispatching -> ended: frees the dedup key.
     pub async fn mark_ended(&self, ticket: &TicketId, now_ms: u64) -> Result<bool, QueueError> {
-        self.mark_ended_with(ticket, now_ms, None).await
+        self.finish_with(ticket, &Finish::Ended, None, now_ms, None)
+            .await
+    }
+
+    /// active | dispatching -> ended, failed or cancelled: frees the dedup key.
+    pub async fn finish(
+        &self,
+        ticket: &TicketId,
+        how: &Finish,
+        now_ms: u64,
+    ) -> Result<bool, QueueError> {
+        self.finish_with(ticket, how, None, now_ms, None).await
+    }
+
+    /// An egress of `queue` ended as `how` (its `egress_ended` webhook): the ticket recording
+    /// it, or `None` after keeping the end for a start of it not recorded yet, which then
+    /// finishes at once.
+    pub async fn egress_over(
+        &self,
+        queue: &QueueName,
+        egress_id: &str,
+        how: &Finish,
+    ) -> Result<Option<TicketId>, QueueError> {
+        let keys = Keys::of(queue);
+        let mut invocation = OVER.prepare_invoke();
+        invocation
+            .key(keys.key("egress"))
+            .key(keys.key(&format!("recorded:{egress_id}")))
+            .key(keys.key(&format!("egress_over:{egress_id}")))
+            .arg(egress_id)
+            .arg(how.state())
+            .arg(how.error())
+            .arg(EGRESS_OVER_TTL.as_millis() as u64);
+        let owner: String = decode(self.invoke(&invocation).await?, "egress over reply")?;
+        if owner.is_empty() {
+            return Ok(None);
+        }
+        parse_ticket_id(owner).map(Some)
+    }
+
+    /// The ticket an egress was ever recorded for (active or finished, until it expires).
+    pub async fn recorded_egress(
+        &self,
+        queue: &QueueName,
+        egress_id: &str,
+    ) -> Result<Option<TicketId>, QueueError> {
+        let keys = Keys::of(queue);
+        let id = self
+            .query(redis::cmd("GET").arg(keys.key(&format!("recorded:{egress_id}"))))
+            .await?;
+        let id: Option<String> = decode(id, "recorded egress")?;
+        id.map(parse_ticket_id).transpose()
     }
 
     /// The dispatcher's writes, each refused with [`QueueError::Fenced`] unless `token` is
     /// the current fencing token of the queue's dispatcher lease.
     pub fn fenced(&self, token: u64) -> FencedStore<'_> {
         FencedStore { store: self, token }
-    }
-
-    /// When the last attempt that was put back ([`QueueStore::requeue`]) began, if any.
-    pub async fn last_attempt_at(&self, ticket: &TicketId) -> Result<Option<u64>, QueueError> {
-        let keys = Keys::of(&ticket.queue());
-        let value = self
-            .query(
-                redis::cmd("HGET")
-                    .arg(keys.ticket(ticket))
-                    .arg("last_attempt_at"),
-            )
-            .await?;
-        let value: Option<String> = decode(value, "last_attempt_at")?;
-        value
-            .map(|text| {
-                text.parse().map_err(|_| {
-                    QueueError::Corrupt(format!("ticket {ticket}: last_attempt_at {text:?}"))
-                })
-            })
-            .transpose()
     }
 
     /// Runs a script of another module (the dispatcher lease) with the store's timeouts and
@@ -1013,7 +1122,7 @@ impl QueueStore {
         attempt_id: &str,
         now_ms: u64,
         fence: Option<u64>,
-    ) -> Result<Option<Claimed>, QueueError> {
+    ) -> Result<Option<Ticket>, QueueError> {
         let mut invocation = transition(&CLAIM, ticket);
         invocation.arg(attempt_id).arg(now_ms);
         if let Some(token) = fence {
@@ -1024,14 +1133,7 @@ impl QueueStore {
         if fields.is_empty() {
             return Ok(None);
         }
-        let last_attempt_at_ms = fields
-            .get("last_attempt_at")
-            .and_then(|text| text.parse().ok());
-        let ticket = parse_ticket(ticket.clone(), fields)?;
-        Ok(Some(Claimed {
-            ticket,
-            last_attempt_at_ms,
-        }))
+        parse_ticket(ticket.clone(), fields).map(Some)
     }
 
     async fn requeue_with(
@@ -1054,13 +1156,24 @@ impl QueueStore {
         egress_id: &str,
         now_ms: u64,
         fence: Option<u64>,
-    ) -> Result<bool, QueueError> {
+    ) -> Result<StartOutcome, QueueError> {
+        let ttl_ms = self.finished_ttl_ms();
         let mut invocation = transition(&START, ticket);
-        invocation.arg(egress_id).arg(now_ms);
-        if let Some(token) = fence {
-            invocation.arg(token);
-        }
-        self.applied(&invocation).await
+        invocation
+            .arg(egress_id)
+            .arg(now_ms)
+            .arg(fence.map(|token| token.to_string()).unwrap_or_default())
+            .arg(ttl_ms)
+            .arg(now_ms.saturating_sub(ttl_ms))
+            .arg(DEAD_LETTERS_KEPT);
+        let code: i64 = decode(self.invoke_fenced(&invocation).await?, "start reply")?;
+        Ok(match code {
+            1 => StartOutcome::Started,
+            2 => StartOutcome::AlreadyEnded,
+            3 => StartOutcome::AlreadyFailed,
+            -1 => StartOutcome::OwnedByOther,
+            _ => StartOutcome::NotApplied,
+        })
     }
 
     async fn mark_failed_with(
@@ -1084,17 +1197,25 @@ impl QueueStore {
         self.applied(&invocation).await
     }
 
-    async fn mark_ended_with(
+    async fn finish_with(
         &self,
         ticket: &TicketId,
+        how: &Finish,
+        egress_id: Option<&str>,
         now_ms: u64,
         fence: Option<u64>,
     ) -> Result<bool, QueueError> {
+        let ttl_ms = self.finished_ttl_ms();
         let mut invocation = transition(&END, ticket);
-        invocation.arg(now_ms).arg(self.finished_ttl_ms());
-        if let Some(token) = fence {
-            invocation.arg(token);
-        }
+        invocation
+            .arg(now_ms)
+            .arg(ttl_ms)
+            .arg(fence.map(|token| token.to_string()).unwrap_or_default())
+            .arg(how.state())
+            .arg(how.error())
+            .arg(now_ms.saturating_sub(ttl_ms))
+            .arg(DEAD_LETTERS_KEPT)
+            .arg(egress_id.unwrap_or_default());
         self.applied(&invocation).await
     }
 
@@ -1110,6 +1231,7 @@ impl QueueStore {
         Ok(match found.as_str() {
             "" => CancelOutcome::NotFound,
             "queued" => CancelOutcome::Cancelled,
+            "dispatching" => CancelOutcome::Requested,
             state => CancelOutcome::NotQueued(parse_state(state)?),
         })
     }
@@ -1533,6 +1655,8 @@ fn parse_ticket(id: TicketId, mut fields: HashMap<String, String>) -> Result<Tic
         started_at_ms: optional_number("started_at")?,
         ended_at_ms: optional_number("ended_at")?,
         dispatching_at_ms: optional_number("dispatching_at")?,
+        unsettled_at_ms: optional_number("unsettled_at")?,
+        cancel_requested_at_ms: optional_number("cancel_requested")?,
         request: fields.remove("request"),
         egress_id: fields.remove("egress_id"),
         error: fields.remove("error"),

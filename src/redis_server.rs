@@ -91,7 +91,8 @@ impl RedisServer {
         Self::start_with(RedisServerOptions::default())
     }
 
-    /// Starts a server that keeps its data in `dir` (append-only file), so a restart keeps it.
+    /// Starts a server that keeps its data in `dir` (append-only file, synced on every write),
+    /// so a restart, even after a kill, keeps every answered write.
     pub fn start_persistent(dir: impl Into<PathBuf>) -> Result<Self, RedisServerError> {
         Self::start_with(RedisServerOptions {
             data_dir: Some(dir.into()),
@@ -221,11 +222,14 @@ impl RedisServer {
             .stderr(Stdio::null());
         match &self.options.data_dir {
             Some(dir) => {
+                // `always`: an answered write survives a kill. With `everysec` Redis may
+                // postpone the write of the log behind a slow fsync and still answer, so a
+                // kill loses up to a few seconds of answered writes (a claim, a start).
                 command.arg("--dir").arg(dir).args([
                     "--appendonly",
                     "yes",
                     "--appendfsync",
-                    "everysec",
+                    "always",
                 ]);
             }
             None => {

@@ -293,6 +293,11 @@ pub enum DispatchOutcome {
     requeued,
     /// An active ticket's egress was found ended (webhook missed).
     ended,
+    /// A ticket cancelled while it was being started was cancelled once settled.
+    cancelled,
+    /// Whether an attempt started could not be settled (livekit-server could not be asked):
+    /// the ticket became a dead letter.
+    unsettled,
 }
 
 /// Labels of the dispatch outcome counter.
@@ -390,6 +395,8 @@ pub struct DispatchMetrics {
     pub lease_age_seconds: LeaseAge,
     /// Webhooks received by event and outcome.
     pub webhooks: Family<WebhookLabels, Counter>,
+    /// Start calls in flight, by queue.
+    pub in_flight: Family<QueueLabels, Gauge>,
 }
 
 impl DispatchMetrics {
@@ -402,6 +409,7 @@ impl DispatchMetrics {
             leader: Family::default(),
             lease_age_seconds: LeaseAge::default(),
             webhooks: Family::default(),
+            in_flight: Family::default(),
         };
         registry.register(
             "egress_scaler_dispatch_outcomes",
@@ -428,6 +436,11 @@ impl DispatchMetrics {
             "LiveKit webhooks received by event and outcome",
             metrics.webhooks.clone(),
         );
+        registry.register(
+            "egress_scaler_dispatch_in_flight",
+            "Start calls to livekit-server in flight",
+            metrics.in_flight.clone(),
+        );
         Arc::new(metrics)
     }
 
@@ -436,6 +449,15 @@ impl DispatchMetrics {
         self.outcomes
             .get_or_create(&DispatchLabels { outcome })
             .inc();
+    }
+
+    /// Sets the number of start calls in flight of `queue`.
+    pub fn set_in_flight(&self, queue: &QueueName, calls: usize) {
+        self.in_flight
+            .get_or_create(&QueueLabels {
+                queue: queue.to_string(),
+            })
+            .set(calls as i64);
     }
 
     /// Counts one webhook.

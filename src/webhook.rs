@@ -4,9 +4,11 @@
 //! changes nothing.
 //!
 //! - `egress_started`: confirms a ticket that already records the egress, or adopts it for a
-//!   ticket whose attempt may have started it (same kind and room, started after the attempt
-//!   began, not recorded for another ticket);
-//! - `egress_ended`: ends the ticket recording it, which frees its de-duplication key;
+//!   ticket whose attempt is of unknown outcome and provably started it (the same request,
+//!   started after the attempt began, recorded for no other ticket);
+//! - `egress_ended`: finishes the ticket recording it, which frees its de-duplication key:
+//!   `ended` when it completed (or reached its limit), `failed` with LiveKit's error when it
+//!   failed or was aborted; when its start is not recorded yet, the end is kept for it;
 //! - `room_finished`: cancels the room's queued tickets;
 //! - `room_started`: with auto-recording on, queues a start for the room.
 //!
@@ -28,12 +30,13 @@ use livekit_protocol as proto;
 use serde_json::Value;
 
 use crate::config::ApiCredentials;
-use crate::dispatch::matching::candidates;
+use crate::dispatch::matching::{candidates, egress_error};
 use crate::egress_request::StartRequest;
 use crate::intake::{AppState, now_ms};
 use crate::model::EgressKind;
 use crate::queue::{
-    CancelOutcome, NewRequest, QueueError, QueueName, QueueStore, ServedQueues, TicketState,
+    CancelOutcome, Finish, NewRequest, QueueError, QueueName, QueueStore, ServedQueues,
+    TicketState,
 };
 use crate::telemetry::{WebhookEvent, WebhookOutcome};
 
@@ -213,33 +216,32 @@ async fn egress_started(
         .ticket_for_egress(queue, &info.egress_id)
         .await?
         .is_some()
+        || store
+            .recorded_egress(queue, &info.egress_id)
+            .await?
+            .is_some()
     {
-        // Confirmed: the dispatcher recorded it from the start call's answer.
         return Ok(false);
     }
-    let Some(listed) = info
+    if info
         .request
         .as_ref()
         .and_then(StartRequest::from_info_request)
-    else {
+        .is_none()
+    {
         return Ok(false);
-    };
-    // Tickets whose attempt may have started it: being dispatched, or put back after an
-    // attempt (a late claim).
-    let mut tickets = store.dispatching(queue).await?;
-    if let Some(room) = listed.room_name() {
-        tickets.extend(store.queued_in_room(queue, room).await?);
     }
-    for id in tickets {
+    // Only an attempt whose outcome is unknown may be matched: one in flight gets its answer,
+    // and one that certainly started nothing is not this egress.
+    for id in store.dispatching(queue).await? {
         let Some(ticket) = store.get(&id).await? else {
             continue;
         };
-        let since = match ticket.state {
-            TicketState::Dispatching => ticket.dispatching_at_ms,
-            TicketState::Queued => store.last_attempt_at(&id).await?,
-            _ => None,
-        };
-        let Some(since) = since else {
+        let (TicketState::Dispatching, Some(_), Some(since)) = (
+            ticket.state,
+            ticket.unsettled_at_ms,
+            ticket.dispatching_at_ms,
+        ) else {
             continue;
         };
         let request = match ticket
@@ -266,19 +268,37 @@ async fn egress_started(
     Ok(false)
 }
 
+/// How an egress that ended finishes its ticket; `None` when its status is not final.
+fn finish_of(info: &proto::EgressInfo) -> Option<Finish> {
+    use proto::EgressStatus;
+    match EgressStatus::try_from(info.status).ok()? {
+        EgressStatus::EgressComplete | EgressStatus::EgressLimitReached => Some(Finish::Ended),
+        EgressStatus::EgressFailed | EgressStatus::EgressAborted => {
+            Some(Finish::Failed(egress_error(info)))
+        }
+        _ => None,
+    }
+}
+
 async fn egress_ended(
     store: &QueueStore,
     queue: &QueueName,
     info: &proto::EgressInfo,
 ) -> Result<bool, QueueError> {
-    let Some(ticket) = store.ticket_for_egress(queue, &info.egress_id).await? else {
+    // Room auto-egress failures come without an egress id: nothing of ours.
+    let (false, Some(finish)) = (info.egress_id.is_empty(), finish_of(info)) else {
         return Ok(false);
     };
-    let ended = store.mark_ended(&ticket, now_ms()).await?;
-    if ended {
-        tracing::info!(%ticket, egress_id = %info.egress_id, "Egress ended; ticket ended.");
+    // When no ticket records it yet (its start answer is still on its way), the end is kept
+    // and the start, once recorded, finishes at once.
+    let Some(ticket) = store.egress_over(queue, &info.egress_id, &finish).await? else {
+        return Ok(false);
+    };
+    let finished = store.finish(&ticket, &finish, now_ms()).await?;
+    if finished {
+        tracing::info!(%ticket, egress_id = %info.egress_id, ?finish, "Egress ended; ticket finished.");
     }
-    Ok(ended)
+    Ok(finished)
 }
 
 async fn room_finished(

@@ -40,7 +40,11 @@ fn fast_options() -> DispatchOptions {
     DispatchOptions {
         order: Order::Strict,
         lease: Duration::from_millis(300),
-        settle_after: Duration::from_millis(600),
+        lease_margin: Duration::from_millis(50),
+        max_in_flight: 64,
+        call_timeout: CALL_TIMEOUT,
+        settle_after: CALL_TIMEOUT + Duration::from_millis(200),
+        unreachable_limit: Duration::from_secs(2),
         not_found_retry: Duration::from_millis(300),
         backoff_first: Duration::from_millis(20),
         backoff_max: Duration::from_millis(200),
@@ -103,6 +107,11 @@ impl Default for WorldSetup {
 impl World {
     async fn start(setup: WorldSetup) -> World {
         support::init();
+        // `RUST_LOG=egress_scaler=info` shows what the dispatchers did.
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_test_writer()
+            .try_init();
         let redis = setup.redis.unwrap_or_else(support::redis);
         let store = QueueStore::connect(&redis.url(), StoreOptions::default())
             .await
@@ -350,7 +359,7 @@ async fn a_stale_leader_is_fenced_out_of_every_transition() {
         .await
         .unwrap()
         .expect("queued");
-    assert_eq!(claimed.ticket.state, TicketState::Dispatching);
+    assert_eq!(claimed.state, TicketState::Dispatching);
 
     tokio::time::sleep(ttl + Duration::from_millis(50)).await;
     let b = Lease::acquire(&world.store, &q, "b", ttl, now_ms())
@@ -390,10 +399,7 @@ async fn a_stale_leader_is_fenced_out_of_every_transition() {
         .await
         .unwrap()
         .unwrap();
-    assert!(
-        claim.last_attempt_at_ms.is_some(),
-        "the earlier attempt is remembered"
-    );
+    assert_eq!(claim.attempt_id.as_deref(), Some("attempt-b"));
     assert!(b.release().await.unwrap());
     assert!(read_leader(&world.store, &q).await.unwrap().is_none());
 }
@@ -926,20 +932,24 @@ impl FlakyApi {
 }
 
 impl EgressApi for FlakyApi {
-    async fn start(&self, request: &StartRequest) -> Result<proto::EgressInfo, EgressApiError> {
+    async fn start(
+        &self,
+        request: &StartRequest,
+        limit: Duration,
+    ) -> Result<proto::EgressInfo, EgressApiError> {
         let roll = self.roll();
         if roll < 0.05 {
             return Err(EgressApiError::Unreachable("injected".to_owned()));
         }
         if roll < 0.15 {
             // The caller gives up at once: the egress may start anyway (a late claim).
-            let limit = Duration::from_millis(2);
-            return match tokio::time::timeout(limit, self.inner.start(request)).await {
+            let early = Duration::from_millis(2);
+            return match tokio::time::timeout(early, self.inner.start(request, limit)).await {
                 Ok(result) => result,
-                Err(_) => Err(EgressApiError::Timeout(limit)),
+                Err(_) => Err(EgressApiError::Timeout(early)),
             };
         }
-        let result = self.inner.start(request).await;
+        let result = self.inner.start(request, limit).await;
         if roll < 0.25 && result.is_ok() {
             return Err(EgressApiError::Transport(
                 "answer lost (injected)".to_owned(),
@@ -957,6 +967,10 @@ impl EgressApi for FlakyApi {
             return Err(EgressApiError::Transport("injected".to_owned()));
         }
         self.inner.list_egress(filter, active).await
+    }
+
+    async fn stop_egress(&self, egress_id: &str) -> Result<proto::EgressInfo, EgressApiError> {
+        self.inner.stop_egress(egress_id).await
     }
 }
 
@@ -1218,4 +1232,532 @@ async fn the_stand_in_speaks_twirp_json_and_protobuf_and_checks_tokens() {
         .await
         .unwrap();
     assert_eq!(unknown.status(), 404);
+}
+
+/// What the test's client makes of one start call, by room (or URL for web egress).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Play {
+    /// A proxy in front of livekit-server answers 502 with an HTML page; nothing reached it.
+    ProxyPageNotSent,
+    /// The egress starts; its answer is lost on the way back.
+    StartedAnswerLost,
+    /// The egress starts and ends at once (a short recording); its answer is lost.
+    StartedEndedAnswerLost,
+    /// The egress starts; livekit-server's same-ID retry met it running: `already_exists`.
+    StartedAlreadyExists,
+    /// No pod bid: `unavailable` after a while, nothing started.
+    Unavailable,
+}
+
+/// What `ListEgress` answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Listing {
+    Real,
+    /// An older server's `not_found` for a room filter.
+    NotFound,
+    /// livekit-server cannot be reached.
+    Unreachable,
+}
+
+/// The real client in front of the stand-in, with scripted answers for some calls.
+struct ScriptedApi {
+    inner: TwirpEgressApi,
+    livekit: LiveKitServerStandIn,
+    plays: Mutex<HashMap<String, std::collections::VecDeque<Play>>>,
+    listing: Arc<Mutex<Listing>>,
+    /// Start calls being answered now, and the most at once.
+    calls: AtomicU32,
+    most_calls: Arc<AtomicU32>,
+}
+
+impl ScriptedApi {
+    fn new(world: &World) -> Self {
+        ScriptedApi {
+            inner: world.api(),
+            livekit: world.livekit.clone(),
+            plays: Mutex::default(),
+            listing: Arc::new(Mutex::new(Listing::Real)),
+            calls: AtomicU32::new(0),
+            most_calls: Arc::default(),
+        }
+    }
+
+    fn play(self, target: &str, play: Play) -> Self {
+        self.plays
+            .lock()
+            .unwrap()
+            .entry(target.to_owned())
+            .or_default()
+            .push_back(play);
+        self
+    }
+
+    fn listing(self, listing: Listing) -> Self {
+        *self.listing.lock().unwrap() = listing;
+        self
+    }
+}
+
+fn target(request: &StartRequest) -> String {
+    match request {
+        StartRequest::Web(web) => web.url.clone(),
+        _ => request.room_name().unwrap_or_default().to_owned(),
+    }
+}
+
+impl EgressApi for ScriptedApi {
+    async fn start(
+        &self,
+        request: &StartRequest,
+        limit: Duration,
+    ) -> Result<proto::EgressInfo, EgressApiError> {
+        let now = self.calls.fetch_add(1, Ordering::SeqCst) + 1;
+        self.most_calls.fetch_max(now, Ordering::SeqCst);
+        let play = self
+            .plays
+            .lock()
+            .unwrap()
+            .get_mut(&target(request))
+            .and_then(|plays| plays.pop_front());
+        let result = match play {
+            Some(Play::ProxyPageNotSent) => Err(EgressApiError::Transport(
+                "HTTP 502 Bad Gateway without a Twirp error body".to_owned(),
+            )),
+            Some(Play::Unavailable) => {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                Err(EgressApiError::Twirp {
+                    code: "unavailable".to_owned(),
+                    msg: "twirp error unknown: no response from servers".to_owned(),
+                })
+            }
+            None => self.inner.start(request, limit).await,
+            Some(play) => match self.inner.start(request, limit).await {
+                Ok(info) => Err(match play {
+                    Play::StartedAlreadyExists => EgressApiError::Twirp {
+                        code: "already_exists".to_owned(),
+                        msg: "egress already exists".to_owned(),
+                    },
+                    Play::StartedEndedAnswerLost => {
+                        self.livekit.end_egress(&info.egress_id);
+                        EgressApiError::Transport("connection reset (injected)".to_owned())
+                    }
+                    _ => EgressApiError::Transport("connection reset (injected)".to_owned()),
+                }),
+                Err(error) => Err(error),
+            },
+        };
+        self.calls.fetch_sub(1, Ordering::SeqCst);
+        result
+    }
+
+    async fn list_egress(
+        &self,
+        filter: &ListFilter,
+        active: bool,
+    ) -> Result<Vec<proto::EgressInfo>, EgressApiError> {
+        let listing = *self.listing.lock().unwrap();
+        match listing {
+            Listing::Real => self.inner.list_egress(filter, active).await,
+            Listing::NotFound => Err(EgressApiError::Twirp {
+                code: "not_found".to_owned(),
+                msg: "room not found".to_owned(),
+            }),
+            Listing::Unreachable => Err(EgressApiError::Unreachable("refused".to_owned())),
+        }
+    }
+
+    async fn stop_egress(&self, egress_id: &str) -> Result<proto::EgressInfo, EgressApiError> {
+        self.inner.stop_egress(egress_id).await
+    }
+}
+
+fn outcome(world: &World, name: &str) -> u64 {
+    counter(
+        &world.metrics_text(),
+        &format!("egress_scaler_dispatch_outcomes_total{{outcome=\"{name}\"}}"),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn several_starts_are_in_flight_and_a_lost_answer_holds_back_no_other() {
+    let world = World::start(WorldSetup {
+        pods: 6,
+        ..WorldSetup::default()
+    })
+    .await;
+    // Every start takes a while to answer, as livekit-server's bid window does.
+    world.livekit.set_answer_delay(Duration::from_millis(150));
+    let q = queue("pipeline");
+    // Its settling cannot conclude yet: livekit-server cannot be listed for now.
+    let api = ScriptedApi::new(&world)
+        .play("lost", Play::StartedAnswerLost)
+        .listing(Listing::Unreachable);
+    let most_calls = api.most_calls.clone();
+    let listing = api.listing.clone();
+    let mut tickets = vec![world.enqueue(&q, EgressKind::RoomComposite, "lost").await];
+    for i in 0..5 {
+        tickets.push(
+            world
+                .enqueue(&q, EgressKind::RoomComposite, &format!("room-{i}"))
+                .await,
+        );
+    }
+    let running = Running::spawn(world.dispatcher(&q, api, fast_options(), "d"));
+    // The five others start while the lost answer is still being settled.
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            let mut active = 0;
+            for ticket in &tickets[1..] {
+                active += usize::from(world.state(ticket).await == TicketState::Active);
+            }
+            active == 5
+        })
+        .await
+    );
+    assert_eq!(world.state(&tickets[0]).await, TicketState::Dispatching);
+    assert!(
+        most_calls.load(Ordering::SeqCst) >= 5,
+        "starts in flight at once: {}",
+        most_calls.load(Ordering::SeqCst)
+    );
+    // Then the lost answer's egress is found and adopted: one egress per room.
+    *listing.lock().unwrap() = Listing::Real;
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            world.state(&tickets[0]).await == TicketState::Active
+        })
+        .await
+    );
+    assert_eq!(world.livekit.started().len(), 6);
+    assert_eq!(outcome(&world, "adopted"), 1);
+    running.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn capacity_is_handed_out_in_order_of_asking() {
+    let world = World::start(WorldSetup {
+        pods: 3,
+        livekit: LiveKitStandInOptions {
+            egress_duration: Some(Duration::from_millis(300)),
+            no_capacity_delay: Duration::from_millis(50),
+            any_room_exists: true,
+            ..LiveKitStandInOptions::default()
+        },
+        ..WorldSetup::default()
+    })
+    .await;
+    world.livekit.set_answer_delay(Duration::from_millis(100));
+    let q = queue("in-order");
+    let mut expected = Vec::new();
+    for i in 0..9 {
+        let room = format!("room-{i}");
+        world.enqueue(&q, EgressKind::RoomComposite, &room).await;
+        expected.push(room);
+    }
+    let running = world.spawn(&q, fast_options(), "d");
+    assert!(
+        eventually(Duration::from_secs(15), || async {
+            world.livekit.started().len() == 9
+        })
+        .await,
+        "{:?}",
+        world.started_rooms()
+    );
+    // Three pods: three at a time, the first three to ask first, and so on.
+    let started = world.started_rooms();
+    for wave in started.chunks(3).zip(expected.chunks(3)) {
+        let (mut got, mut want) = (wave.0.to_vec(), wave.1.to_vec());
+        got.sort();
+        want.sort();
+        assert_eq!(got, want, "{started:?}");
+    }
+    running.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_that_started_nothing_is_never_followed_by_an_adoption() {
+    let world = World::start(WorldSetup {
+        pods: 2,
+        ..WorldSetup::default()
+    })
+    .await;
+    let q = queue("not-ours");
+    world
+        .livekit
+        .fail_next_start("unavailable", "no response from servers");
+    let ticket = world.enqueue(&q, EgressKind::RoomComposite, "board").await;
+    let running = world.spawn(
+        &q,
+        DispatchOptions {
+            backoff_first: Duration::from_millis(600),
+            backoff_max: Duration::from_millis(600),
+            ..fast_options()
+        },
+        "d",
+    );
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            world.livekit.start_calls() == 1
+        })
+        .await
+    );
+    // Meanwhile someone else records the same room with another layout, and it completes.
+    let theirs = StartRequest::parse(
+        EgressKind::RoomComposite,
+        "board",
+        Some(serde_json::json!({"layout": "grid"})),
+    )
+    .unwrap();
+    let theirs = world.api().start(&theirs, CALL_TIMEOUT).await.unwrap();
+    world.livekit.end_egress(&theirs.egress_id);
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            world.state(&ticket).await == TicketState::Active
+        })
+        .await
+    );
+    let recorded = world.store.get(&ticket).await.unwrap().unwrap();
+    assert_ne!(recorded.egress_id.as_deref(), Some(theirs.egress_id.as_str()));
+    assert_eq!(world.livekit.started().len(), 2, "ours was started");
+    assert_eq!(outcome(&world, "adopted"), 0);
+    running.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_attempt_whose_listing_answers_not_found_is_settled_after_its_window() {
+    let world = World::start(WorldSetup::default()).await;
+    let q = queue("settle-not-found");
+    let api = ScriptedApi::new(&world)
+            .play("proxied", Play::ProxyPageNotSent)
+            .listing(Listing::NotFound);
+    let ticket = world.enqueue(&q, EgressKind::RoomComposite, "proxied").await;
+    let running = Running::spawn(world.dispatcher(&q, api, fast_options(), "d"));
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            world.state(&ticket).await == TicketState::Active
+        })
+        .await,
+        "{:?}",
+        world.store.get(&ticket).await
+    );
+    assert_eq!(world.livekit.started().len(), 1);
+    assert_eq!(outcome(&world, "unknown"), 1);
+    assert_eq!(outcome(&world, "requeued"), 1);
+    running.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_attempt_livekit_cannot_be_asked_about_becomes_a_dead_letter_without_holding_others() {
+    let world = World::start(WorldSetup {
+        pods: 2,
+        ..WorldSetup::default()
+    })
+    .await;
+    let q = queue("settle-unreachable");
+    let api = ScriptedApi::new(&world)
+            .play("proxied", Play::ProxyPageNotSent)
+            .listing(Listing::Unreachable);
+    let stuck = world.enqueue(&q, EgressKind::RoomComposite, "proxied").await;
+    let behind = world.enqueue(&q, EgressKind::RoomComposite, "behind").await;
+    let options = DispatchOptions {
+        unreachable_limit: Duration::from_millis(800),
+        ..fast_options()
+    };
+    let running = Running::spawn(world.dispatcher(&q, api, options, "d"));
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            world.state(&behind).await == TicketState::Active
+        })
+        .await
+    );
+    assert_eq!(world.state(&stuck).await, TicketState::Dispatching);
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            world.state(&stuck).await == TicketState::Failed
+        })
+        .await
+    );
+    let dead = world.store.dead_letters(&q, 5).await.unwrap();
+    let error = dead[0].error.clone().unwrap();
+    assert!(error.contains("could not be asked"), "{error}");
+    assert_eq!(outcome(&world, "unsettled"), 1);
+    // Its demand is gone, and the room can be asked for again.
+    assert_eq!(world.store.demand(&q).await.unwrap().total(), 0);
+    let again = world.enqueue(&q, EgressKind::RoomComposite, "proxied").await;
+    assert_ne!(again, stuck);
+    running.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_short_web_egress_whose_answer_was_lost_is_not_started_again() {
+    let world = World::start(WorldSetup::default()).await;
+    let q = queue("short-web");
+    let api =
+        ScriptedApi::new(&world).play("https://example.com/board", Play::StartedEndedAnswerLost);
+    let ticket = world.enqueue(&q, EgressKind::Web, "board").await;
+    let running = Running::spawn(world.dispatcher(&q, api, fast_options(), "d"));
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            world.state(&ticket).await == TicketState::Ended
+        })
+        .await,
+        "{:?}",
+        world.store.get(&ticket).await
+    );
+    tokio::time::sleep(fast_options().settle_after).await;
+    assert_eq!(world.livekit.started().len(), 1, "started once");
+    let ended = world.store.get(&ticket).await.unwrap().unwrap();
+    assert_eq!(
+        ended.egress_id.as_deref(),
+        Some(world.livekit.started()[0].egress_id.as_str())
+    );
+    running.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn already_exists_means_it_started_and_is_adopted() {
+    let world = World::start(WorldSetup::default()).await;
+    let q = queue("exists");
+    let api = ScriptedApi::new(&world).play("retried", Play::StartedAlreadyExists);
+    let ticket = world.enqueue(&q, EgressKind::RoomComposite, "retried").await;
+    let running = Running::spawn(world.dispatcher(&q, api, fast_options(), "d"));
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            world.state(&ticket).await == TicketState::Active
+        })
+        .await,
+        "{:?}",
+        world.store.get(&ticket).await
+    );
+    let active = world.store.get(&ticket).await.unwrap().unwrap();
+    assert_eq!(
+        active.egress_id.as_deref(),
+        Some(world.livekit.started()[0].egress_id.as_str())
+    );
+    assert_eq!(world.livekit.started().len(), 1);
+    assert_eq!(outcome(&world, "adopted"), 1);
+    running.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_while_dispatching_is_kept_and_the_started_egress_stopped() {
+    let world = World::start(WorldSetup {
+        pods: 2,
+        ..WorldSetup::default()
+    })
+    .await;
+    let q = queue("cancel");
+    world.livekit.set_answer_delay(Duration::from_millis(300));
+    let started = world.enqueue(&q, EgressKind::RoomComposite, "a").await;
+    let running = world.spawn(&q, fast_options(), "d");
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            world.state(&started).await == TicketState::Dispatching
+        })
+        .await
+    );
+    assert_eq!(
+        world.store.cancel(&started, now_ms()).await.unwrap(),
+        egress_scaler::queue::CancelOutcome::Requested
+    );
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            world.state(&started).await == TicketState::Cancelled
+        })
+        .await
+    );
+    assert_eq!(world.livekit.started().len(), 1);
+    assert!(world.livekit.active_egress().is_empty(), "stopped");
+    assert_eq!(outcome(&world, "cancelled"), 1);
+
+    running.shutdown().await;
+
+    // An attempt that started nothing is not retried once cancelled.
+    let api = ScriptedApi::new(&world).play("b", Play::Unavailable);
+    let running = Running::spawn(world.dispatcher(&q, api, fast_options(), "d"));
+    let refused = world.enqueue(&q, EgressKind::RoomComposite, "b").await;
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            world.state(&refused).await == TicketState::Dispatching
+        })
+        .await
+    );
+    world.store.cancel(&refused, now_ms()).await.unwrap();
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            world.state(&refused).await == TicketState::Cancelled
+        })
+        .await
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(world.livekit.start_calls(), 1, "b never reached livekit-server");
+    assert_eq!(world.livekit.started().len(), 1);
+    running.shutdown().await;
+}
+
+/// Freezes the thread of the first start call about to be sent, like a GC pause.
+struct FreezeOnce {
+    freeze: Duration,
+    done: AtomicBool,
+}
+
+impl FaultHook for FreezeOnce {
+    fn crash_at(&self, _: FaultPoint) -> bool {
+        false
+    }
+
+    fn before_send(&self) {
+        if !self.done.swap(true, Ordering::SeqCst) {
+            std::thread::sleep(self.freeze);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_frozen_past_its_lease_sends_nothing_when_it_wakes() {
+    let world = World::start(WorldSetup::default()).await;
+    let q = queue("frozen");
+    let options = fast_options();
+    let freeze = options.lease + options.settle_after + Duration::from_millis(600);
+    let ticket = world.enqueue(&q, EgressKind::RoomComposite, "r").await;
+    // The frozen leader runs alone on its thread: the freeze stops all of it, lease renewal
+    // included, as a stalled process.
+    let frozen = world
+        .dispatcher(&q, world.api(), options.clone(), "frozen")
+        .with_faults(Arc::new(FreezeOnce {
+            freeze,
+            done: AtomicBool::new(false),
+        }));
+    let frozen_stop = CancellationToken::new();
+    let thread = {
+        let stop = frozen_stop.clone();
+        std::thread::spawn(move || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap()
+                .block_on(frozen.run(stop))
+        })
+    };
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            world.state(&ticket).await == TicketState::Dispatching
+        })
+        .await
+    );
+    let standby = world.spawn(&q, options, "standby");
+    // The standby takes over, settles the attempt (nothing listed) and starts the ticket.
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            world.state(&ticket).await == TicketState::Active
+        })
+        .await
+    );
+    // The frozen leader wakes up with the start it was about to send.
+    tokio::time::sleep(freeze + Duration::from_millis(500)).await;
+    assert_eq!(world.livekit.started().len(), 1, "one recording");
+    assert_eq!(world.livekit.start_calls(), 1);
+    frozen_stop.cancel();
+    let _ = thread.join();
+    standby.shutdown().await;
 }

@@ -195,6 +195,8 @@ async fn a_ticket_keeps_everything_it_was_given() {
             error: None,
             attempt_id: None,
             dispatching_at_ms: None,
+            unsettled_at_ms: None,
+            cancel_requested_at_ms: None,
         }
     );
     let json = serde_json::to_value(&ticket).unwrap();
@@ -795,10 +797,14 @@ async fn cancel_tells_what_it_found() {
         fx.store.cancel(&queued, T0 + 2).await.unwrap(),
         CancelOutcome::NotQueued(TicketState::Cancelled)
     );
+    // Being started: the intent is recorded, for the dispatcher to act on once settled.
     assert_eq!(
         fx.store.cancel(&dispatching, T0).await.unwrap(),
-        CancelOutcome::NotQueued(TicketState::Dispatching)
+        CancelOutcome::Requested
     );
+    let being_started = fx.store.get(&dispatching).await.unwrap().unwrap();
+    assert_eq!(being_started.state, TicketState::Dispatching);
+    assert_eq!(being_started.cancel_requested_at_ms, Some(T0));
     assert_eq!(
         fx.store.cancel(&active, T0).await.unwrap(),
         CancelOutcome::NotQueued(TicketState::Active)

@@ -1,16 +1,20 @@
 //! The capacity gate: does the fleet snapshot show a pod that takes a job of this kind, once
-//! the jobs this dispatcher started since the snapshot are counted in?
+//! the starts in flight and the jobs this dispatcher started since the snapshot are counted in?
 //!
+//! A start in flight (or being settled) holds a reservation of its kind until its outcome is
+//! known: several starts are in flight at once, and each must find its own free capacity.
 //! A start is visible in an egress pod's metrics as soon as the pod accepted it, so a refresh
-//! that began after the start returned reflects it. Until such a refresh, the dispatcher holds
-//! a reservation: the job is added to the pod livekit-server would have chosen, so that one
-//! free slot is not handed out twice. With a Prometheus source the metrics lag by up to a
+//! that began after the start returned reflects it; until such a refresh the started job keeps
+//! its reservation. A reservation is added to the pod livekit-server would have chosen, so that
+//! one free slot is not handed out twice. With a Prometheus source the metrics lag by up to a
 //! scrape interval, which `lag` accounts for.
 
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use crate::fleet::FleetView;
 use crate::model::{EgressKind, PodLoad, Settings, choose_pod};
+use crate::queue::TicketId;
 
 /// One start not yet reflected in the pods' metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -23,6 +27,8 @@ struct Reservation {
 #[derive(Debug, Clone, Default)]
 pub struct Reservations {
     held: Vec<Reservation>,
+    /// Starts whose outcome is not known yet (in flight or being settled), by ticket.
+    pending: HashMap<TicketId, EgressKind>,
     lag: Duration,
 }
 
@@ -31,6 +37,7 @@ impl Reservations {
     pub fn new(lag: Duration) -> Self {
         Reservations {
             held: Vec::new(),
+            pending: HashMap::new(),
             lag,
         }
     }
@@ -40,14 +47,31 @@ impl Reservations {
         self.held.push(Reservation { kind, made_at: at });
     }
 
-    /// Reservations held.
+    /// Holds capacity for the start of `ticket` until its outcome is known.
+    pub fn reserve(&mut self, ticket: TicketId, kind: EgressKind) {
+        self.pending.insert(ticket, kind);
+    }
+
+    /// The start of `ticket` began a job at `at`: held until a refresh shows it.
+    pub fn started(&mut self, ticket: &TicketId, at: Instant) {
+        if let Some(kind) = self.pending.remove(ticket) {
+            self.hold(kind, at);
+        }
+    }
+
+    /// The start of `ticket` began no job (or one already over): its capacity is free again.
+    pub fn release(&mut self, ticket: &TicketId) {
+        self.pending.remove(ticket);
+    }
+
+    /// Reservations held, started jobs and starts of unknown outcome.
     pub fn len(&self) -> usize {
-        self.held.len()
+        self.held.len() + self.pending.len()
     }
 
     /// True when none is held.
     pub fn is_empty(&self) -> bool {
-        self.held.is_empty()
+        self.held.is_empty() && self.pending.is_empty()
     }
 
     /// Drops the reservations that `view` reflects.
@@ -69,11 +93,17 @@ impl Reservations {
             .iter()
             .map(|pod| PodLoad::of(pod, &settings.costs))
             .collect();
-        for reservation in &self.held {
+        let kinds = self
+            .held
+            .iter()
+            .map(|reservation| reservation.kind)
+            .chain(self.pending.values().copied());
+        for kind in kinds {
             // A start the arithmetic has no room for means the snapshot is behind in the
-            // other direction (a job ended): nothing to hold then.
-            if let Some(index) = choose_pod(settings, &loads, reservation.kind) {
-                loads[index].add(settings, reservation.kind);
+            // other direction (a job ended), or that it already shows the job: nothing to
+            // hold then.
+            if let Some(index) = choose_pod(settings, &loads, kind) {
+                loads[index].add(settings, kind);
             }
         }
         loads
@@ -162,6 +192,33 @@ mod tests {
             );
         }
         assert!(!reservations.fits(&view(vec![], Instant::now()), &settings, EgressKind::Track));
+    }
+
+    #[test]
+    fn starts_in_flight_hold_capacity_until_their_outcome_is_known() {
+        let settings = Settings::default();
+        let start = Instant::now();
+        let two_idle = view(
+            vec![pod(PodState::Ready, &[]), pod(PodState::Ready, &[])],
+            start,
+        );
+        let mut reservations = Reservations::new(Duration::ZERO);
+        let (a, b): (TicketId, TicketId) = (
+            "q.0123456789abcdef0123456789abcdef".parse().unwrap(),
+            "q.fedcba9876543210fedcba9876543210".parse().unwrap(),
+        );
+        reservations.reserve(a.clone(), EgressKind::RoomComposite);
+        assert!(reservations.fits(&two_idle, &settings, EgressKind::RoomComposite));
+        reservations.reserve(b.clone(), EgressKind::RoomComposite);
+        assert!(!reservations.fits(&two_idle, &settings, EgressKind::RoomComposite));
+        // A start that began nothing frees its pod; one that started keeps it until a
+        // refresh that began after it.
+        reservations.release(&a);
+        assert!(reservations.fits(&two_idle, &settings, EgressKind::RoomComposite));
+        reservations.started(&b, start + Duration::from_millis(1));
+        assert_eq!(reservations.len(), 1);
+        reservations.release_reflected(&two_idle);
+        assert_eq!(reservations.len(), 1, "a refresh from before the start");
     }
 
     #[test]

@@ -53,14 +53,27 @@ pub enum EgressApiError {
     /// The connection failed after the request was sent, or the answer was unreadable.
     #[error("the call to livekit-server failed: {0}")]
     Transport(String),
+    /// livekit-server's authentication refused the token itself (HTTP 401 in plain text:
+    /// expired, badly signed, unknown key): the request went no further.
+    #[error("livekit-server refused the token (HTTP 401): {0}")]
+    Unauthorized(String),
 }
 
 /// The calls the dispatcher makes.
 pub trait EgressApi: Send + Sync + 'static {
-    /// Starts one egress with exactly `request`, by the Twirp method of its kind.
+    /// Starts one egress with exactly `request`, by the Twirp method of its kind, giving up
+    /// after `limit` (at most the client's own timeout); livekit-server is told the same bound
+    /// (`X-Twirp-Timeout-Ms`), so that it does not start anything after it.
     fn start(
         &self,
         request: &StartRequest,
+        limit: Duration,
+    ) -> impl Future<Output = Result<proto::EgressInfo, EgressApiError>> + Send;
+
+    /// `StopEgress`.
+    fn stop_egress(
+        &self,
+        egress_id: &str,
     ) -> impl Future<Output = Result<proto::EgressInfo, EgressApiError>> + Send;
 
     /// `ListEgress` with a filter, and only active egress when `active`.
@@ -142,54 +155,30 @@ impl TwirpEgressApi {
             })
     }
 
-    fn transport_error(&self, error: reqwest::Error) -> EgressApiError {
-        if error.is_timeout() {
-            EgressApiError::Timeout(self.timeout)
-        } else if error.is_connect() {
-            EgressApiError::Unreachable(error.to_string())
-        } else {
-            EgressApiError::Transport(error.to_string())
-        }
-    }
-}
-
-/// A Twirp error body, or the HTTP status when the body is not one (a proxy's page).
-fn twirp_failure(status: reqwest::StatusCode, body: &[u8]) -> EgressApiError {
-    #[derive(serde::Deserialize)]
-    struct Body {
-        code: String,
-        #[serde(default)]
-        msg: String,
-    }
-    match serde_json::from_slice::<Body>(body) {
-        Ok(Body { code, msg }) => EgressApiError::Twirp { code, msg },
-        // Not livekit-server's answer: whether it got the request is unknown.
-        Err(_) => EgressApiError::Transport(format!("HTTP {status} without a Twirp error body")),
-    }
-}
-
-impl EgressApi for TwirpEgressApi {
-    async fn start(&self, request: &StartRequest) -> Result<proto::EgressInfo, EgressApiError> {
-        let url = format!(
-            "{}/twirp/livekit.Egress/{}",
-            self.base_url,
-            request.method()
-        );
+    /// One Twirp call in protobuf answered by an `EgressInfo`, bounded by `limit`.
+    async fn call(
+        &self,
+        method: &str,
+        body: Vec<u8>,
+        limit: Duration,
+    ) -> Result<proto::EgressInfo, EgressApiError> {
+        let url = format!("{}/twirp/livekit.Egress/{method}", self.base_url);
         let response = self
             .http
             .post(url)
             .bearer_auth(self.token()?)
             .header(header::CONTENT_TYPE, "application/protobuf")
-            .body(request.encode_to_vec())
-            .timeout(self.timeout)
+            .header("X-Twirp-Timeout-Ms", limit.as_millis().max(1).to_string())
+            .body(body)
+            .timeout(limit)
             .send()
             .await
-            .map_err(|error| self.transport_error(error))?;
+            .map_err(|error| self.transport_error(error, limit))?;
         let status = response.status();
         let body = response
             .bytes()
             .await
-            .map_err(|error| match self.transport_error(error) {
+            .map_err(|error| match self.transport_error(error, limit) {
                 // The request went through: a failed read is not "unreachable".
                 EgressApiError::Unreachable(text) => EgressApiError::Transport(text),
                 other => other,
@@ -199,6 +188,59 @@ impl EgressApi for TwirpEgressApi {
         }
         proto::EgressInfo::decode(body.as_ref())
             .map_err(|error| EgressApiError::Transport(format!("unreadable EgressInfo: {error}")))
+    }
+
+    fn transport_error(&self, error: reqwest::Error, limit: Duration) -> EgressApiError {
+        // A connection that was never made (refused, or its own timeout) sent nothing.
+        if error.is_connect() {
+            EgressApiError::Unreachable(error.to_string())
+        } else if error.is_timeout() {
+            EgressApiError::Timeout(limit)
+        } else {
+            EgressApiError::Transport(error.to_string())
+        }
+    }
+}
+
+/// A Twirp error body; livekit-server's plain-text 401; or the HTTP status when the body is
+/// neither (a proxy's page).
+fn twirp_failure(status: reqwest::StatusCode, body: &[u8]) -> EgressApiError {
+    #[derive(serde::Deserialize)]
+    struct Body {
+        code: String,
+        #[serde(default)]
+        msg: String,
+    }
+    match serde_json::from_slice::<Body>(body) {
+        Ok(Body { code, msg }) => EgressApiError::Twirp { code, msg },
+        // livekit-server's auth middleware answers before Twirp, in plain text. A proxy in
+        // front of it would not answer 401 for a request it passed on.
+        Err(_) if status == reqwest::StatusCode::UNAUTHORIZED => {
+            let text = String::from_utf8_lossy(&body[..body.len().min(200)]);
+            EgressApiError::Unauthorized(text.trim().to_owned())
+        }
+        // Not livekit-server's answer: whether it got the request is unknown.
+        Err(_) => EgressApiError::Transport(format!("HTTP {status} without a Twirp error body")),
+    }
+}
+
+impl EgressApi for TwirpEgressApi {
+    async fn start(
+        &self,
+        request: &StartRequest,
+        limit: Duration,
+    ) -> Result<proto::EgressInfo, EgressApiError> {
+        let limit = limit.min(self.timeout);
+        self.call(request.method(), request.encode_to_vec(), limit)
+            .await
+    }
+
+    async fn stop_egress(&self, egress_id: &str) -> Result<proto::EgressInfo, EgressApiError> {
+        let request = proto::StopEgressRequest {
+            egress_id: egress_id.to_owned(),
+        };
+        self.call("StopEgress", request.encode_to_vec(), self.timeout)
+            .await
     }
 
     async fn list_egress(
@@ -223,7 +265,9 @@ impl EgressApi for TwirpEgressApi {
                     code: code.code,
                     msg: code.msg,
                 },
-                ServiceError::Twirp(ServerError::Request(error)) => self.transport_error(error),
+                ServiceError::Twirp(ServerError::Request(error)) => {
+                    self.transport_error(error, self.timeout)
+                }
                 other => EgressApiError::Transport(other.to_string()),
             })
     }
@@ -242,7 +286,8 @@ pub enum StartFailure {
     Unauthenticated,
     /// livekit-server refused the request itself (invalid, no permission): it will never start.
     Rejected,
-    /// The egress may or may not have started.
+    /// The egress may or may not have started (also `already_exists`: a same-ID retry met
+    /// the egress already running, so it did start, under an ID the answer does not give).
     Unknown,
 }
 
@@ -259,7 +304,6 @@ impl EgressApiError {
                 | "permission_denied"
                 | "failed_precondition"
                 | "out_of_range"
-                | "already_exists"
                 | "bad_route"
                 | "unimplemented" => StartFailure::Rejected,
                 // internal, unknown, deadline_exceeded, canceled, aborted, dataloss: the
@@ -267,6 +311,7 @@ impl EgressApiError {
                 _ => StartFailure::Unknown,
             },
             EgressApiError::Unreachable(_) => StartFailure::Unreachable,
+            EgressApiError::Unauthorized(_) => StartFailure::Unauthenticated,
             EgressApiError::Timeout(_) | EgressApiError::Transport(_) => StartFailure::Unknown,
         }
     }
@@ -300,6 +345,11 @@ mod tests {
         );
         assert_eq!(twirp("internal").start_failure(), StartFailure::Unknown);
         assert_eq!(
+            twirp("already_exists").start_failure(),
+            StartFailure::Unknown,
+            "a same-ID retry met the egress running: it started"
+        );
+        assert_eq!(
             EgressApiError::Timeout(Duration::from_secs(1)).start_failure(),
             StartFailure::Unknown
         );
@@ -325,6 +375,11 @@ mod tests {
             br#"{"code":"unavailable","msg":"no response from servers"}"#,
         );
         assert_eq!(error.start_failure(), StartFailure::Unavailable);
+        let error = twirp_failure(
+            reqwest::StatusCode::UNAUTHORIZED,
+            b"invalid authorization token: token is expired",
+        );
+        assert_eq!(error.start_failure(), StartFailure::Unauthenticated);
         assert_eq!(http_base("wss://lk.example.com/"), "https://lk.example.com");
         assert_eq!(http_base("ws://127.0.0.1:7880"), "http://127.0.0.1:7880");
     }

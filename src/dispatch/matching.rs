@@ -1,16 +1,19 @@
-//! Which listed egress an attempt of unknown outcome may have started.
+//! Which listed egress an attempt of unknown outcome provably started.
 //!
 //! livekit-server makes the egress ID on each call and takes no idempotency key, so an attempt
-//! whose answer was lost is recognised by what it asked for: the same kind, the same room (the
-//! same URL for web egress), started no earlier than the attempt began (give or take the
-//! clocks' skew). An egress already recorded for another ticket is never taken (the caller
-//! checks that against the queue). Among several candidates, one whose request is exactly the
-//! ticket's comes first, then the earliest.
+//! whose answer was lost is recognised by what it asked for: the same request (the request
+//! livekit-server lists is redacted, so both sides are compared redacted: the same kind, room,
+//! layout, outputs, everything but the secrets), started no earlier than the attempt began
+//! (give or take the clocks' skew; an egress without a start time proves nothing). An egress
+//! recorded for any ticket is never taken (the caller checks that against the queues): other
+//! tools, the backend itself or another queue may start the same request in the same room.
+//! Among several candidates, the earliest comes first.
 
 use std::time::Duration;
 
 use livekit_protocol as proto;
 
+use crate::egress_redact::redact;
 use crate::egress_request::StartRequest;
 
 /// When the egress started (or was last updated, while it is still starting), ms.
@@ -37,24 +40,13 @@ pub fn may_be_attempt(
     else {
         return false;
     };
-    if listed.kind() != request.kind() {
+    if redact(&listed) != redact(request) {
         return false;
     }
-    let same_target = match (&listed, request) {
-        (StartRequest::Web(listed), StartRequest::Web(ours)) => listed.url == ours.url,
-        _ => listed.room_name() == request.room_name(),
-    };
-    if !same_target {
-        return false;
-    }
-    match egress_time_ms(info) {
-        Some(at) => at + skew.as_millis() as u64 >= since_ms,
-        // No time at all: cannot be ruled out.
-        None => true,
-    }
+    egress_time_ms(info).is_some_and(|at| at + skew.as_millis() as u64 >= since_ms)
 }
 
-/// The candidates among `listed`, best first.
+/// The candidates among `listed`, earliest first.
 pub fn candidates<'a>(
     listed: &'a [proto::EgressInfo],
     request: &StartRequest,
@@ -65,14 +57,7 @@ pub fn candidates<'a>(
         .iter()
         .filter(|info| may_be_attempt(info, request, since_ms, skew))
         .collect();
-    found.sort_by_key(|info| {
-        let exact = info
-            .request
-            .as_ref()
-            .and_then(StartRequest::from_info_request)
-            .is_some_and(|listed| &listed == request);
-        (!exact, egress_time_ms(info).unwrap_or(u64::MAX))
-    });
+    found.sort_by_key(|info| egress_time_ms(info).unwrap_or(u64::MAX));
     found
 }
 
@@ -81,9 +66,9 @@ pub fn candidates<'a>(
 pub enum FoundStatus {
     /// Starting, active or ending: the ticket is active.
     Running,
-    /// Complete, aborted or at its limit: the recording happened and is over.
+    /// Complete or at its limit: the recording happened and is over.
     Over,
-    /// Failed.
+    /// Failed, or aborted (stopped before it recorded).
     Failed,
 }
 
@@ -94,10 +79,22 @@ pub fn found_status(info: &proto::EgressInfo) -> FoundStatus {
         Ok(
             EgressStatus::EgressStarting | EgressStatus::EgressActive | EgressStatus::EgressEnding,
         ) => FoundStatus::Running,
-        Ok(EgressStatus::EgressFailed) => FoundStatus::Failed,
+        Ok(EgressStatus::EgressFailed | EgressStatus::EgressAborted) => FoundStatus::Failed,
         Ok(_) => FoundStatus::Over,
         // A status this code does not know: assume it runs rather than start a second one.
         Err(_) => FoundStatus::Running,
+    }
+}
+
+/// LiveKit's error of a failed or aborted egress, as a dead letter keeps it.
+pub fn egress_error(info: &proto::EgressInfo) -> String {
+    let status = proto::EgressStatus::try_from(info.status)
+        .map(|status| status.as_str_name())
+        .unwrap_or("EGRESS_UNKNOWN");
+    if info.error.is_empty() {
+        format!("egress {} ended {status}", info.egress_id)
+    } else {
+        format!("egress {} ended {status}: {}", info.egress_id, info.error)
     }
 }
 
@@ -159,7 +156,7 @@ mod tests {
     }
 
     #[test]
-    fn the_exact_request_comes_first_then_the_earliest() {
+    fn only_the_same_request_is_a_candidate_earliest_first() {
         let ours = StartRequest::parse(
             EgressKind::RoomComposite,
             "a",
@@ -179,7 +176,41 @@ mod tests {
         ];
         let found = candidates(&listed, &ours, 10_000, SKEW);
         let ids: Vec<&str> = found.iter().map(|i| i.egress_id.as_str()).collect();
-        assert_eq!(ids, ["EG_12000", "EG_13000", "EG_11000"]);
+        assert_eq!(ids, ["EG_12000", "EG_13000"]);
+    }
+
+    #[test]
+    fn a_listed_request_matches_with_its_secrets_redacted_and_needs_a_time() {
+        let ours = StartRequest::parse(
+            EgressKind::RoomComposite,
+            "a",
+            Some(json!({"fileOutputs": [{"filepath": "a.mp4", "s3": {
+                "accessKey": "AKIA-secret", "secret": "very-secret", "bucket": "rec"
+            }}]})),
+        )
+        .unwrap();
+        let mut listed = info(&redact(&ours), 10_000);
+        assert!(may_be_attempt(&listed, &ours, 10_000, SKEW));
+        let elsewhere = StartRequest::parse(
+            EgressKind::RoomComposite,
+            "a",
+            Some(json!({"fileOutputs": [{"filepath": "a.mp4", "s3": {
+                "accessKey": "AKIA-secret", "secret": "very-secret", "bucket": "other"
+            }}]})),
+        )
+        .unwrap();
+        assert!(!may_be_attempt(
+            &info(&redact(&elsewhere), 10_000),
+            &ours,
+            10_000,
+            SKEW
+        ));
+        listed.started_at = 0;
+        listed.updated_at = 0;
+        assert!(
+            !may_be_attempt(&listed, &ours, 10_000, SKEW),
+            "no time proves nothing"
+        );
     }
 
     #[test]
@@ -191,6 +222,7 @@ mod tests {
             (proto::EgressStatus::EgressComplete, FoundStatus::Over),
             (proto::EgressStatus::EgressLimitReached, FoundStatus::Over),
             (proto::EgressStatus::EgressFailed, FoundStatus::Failed),
+            (proto::EgressStatus::EgressAborted, FoundStatus::Failed),
         ] {
             egress.status = status as i32;
             assert_eq!(found_status(&egress), expected);

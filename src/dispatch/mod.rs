@@ -1,46 +1,57 @@
-//! The dispatcher (DESIGN.md 3): one leader per queue starts the head of the queue through
-//! livekit-server when the fleet can take it, exactly once, in order.
+//! The dispatcher (DESIGN.md 3, 5): one leader per queue starts queued tickets through
+//! livekit-server when the fleet can take them: in order, exactly once, several at a time.
 //!
-//! One step at a time, and at most one start in flight:
-//! 1. Attempts of unknown outcome first (this leader's, or a previous leader's found as
-//!    `dispatching`): `ListEgress` for the ticket's room; an egress the attempt may have started
-//!    is adopted; when none shows and the attempt began longer ago than `settle_after` (above
-//!    the call timeout, itself above livekit-server's no-capacity answer), nothing can start
-//!    any more, and the ticket goes back to its place. Nothing else starts meanwhile.
-//! 2. Now and then, the `active` tickets are checked against `ListEgress`, so that an egress
-//!    whose `egress_ended` webhook was lost does not hold its ticket forever.
-//! 3. The head of the queue, when the fleet snapshot (plus the starts it does not show yet)
-//!    has a pod that admits it; in `backfill` order a later ticket that fits when the head
-//!    fits nowhere. The ticket is marked `dispatching` (attempt id and time) before the call.
+//! A pipeline, not a loop ([`pipeline`]):
+//! 1. **Fill.** Queued tickets are taken in FIFO order against the capacity the fleet snapshot
+//!    shows minus what starts in flight, attempts being settled and starts the snapshot does
+//!    not show yet have reserved ([`capacity`]); up to `max_in_flight` start calls are in
+//!    flight at once. Capacity is handed out in order of asking (`strict`: nothing passes a
+//!    head that fits nowhere; `backfill`: a later ticket that fits may); answers come back in
+//!    any order. A ticket is marked `dispatching` (attempt id and time) before its call.
+//! 2. **Answers**, each on its own: an egress is recorded (`active`); an answer that certainly
+//!    started nothing (`unavailable`, a refused connection, a 401, `not_found`) puts the
+//!    ticket back at its place with a backoff, and is never followed by an adoption; a refusal
+//!    of the request fails it; anything else is of unknown outcome.
+//! 3. **Settling**, per ticket, holding its reservation while the others proceed: `ListEgress`
+//!    is asked for an egress that provably is this attempt ([`matching`]: the same request,
+//!    started after the attempt began, recorded for no ticket of any served queue); when none
+//!    shows by `settle_after` after the attempt began, nothing can start any more, and the
+//!    ticket goes back to its place. When livekit-server cannot be asked at all for
+//!    `unreachable_limit`, the ticket becomes a dead letter with the reason.
+//! 4. **Cancel means cancel**: a ticket cancelled while dispatching is cancelled once settled,
+//!    its egress stopped through `StopEgress` if it started.
+//! 5. Now and then the `active` tickets are checked against `ListEgress`, so that an egress
+//!    whose `egress_ended` webhook was lost does not hold its ticket for ever.
 //!
-//! Every write carries the lease's fencing token; see [`lease`]. A crash anywhere leaves at
-//! worst a `dispatching` ticket, which the next leader settles as in 1.
+//! Every write carries the lease's fencing token ([`lease`]). **Lease guard**: no start call
+//! is sent unless the lease is still held with a margin and the attempt's whole call fits in
+//! its settle window (the next leader concludes "nothing started" only after that window), and
+//! livekit-server is told the call's deadline (`X-Twirp-Timeout-Ms`); a leader that stalled
+//! past either sends nothing. A crash anywhere leaves at worst `dispatching` tickets, which
+//! the next leader settles as in 3.
 
 pub mod capacity;
 pub mod lease;
 pub mod livekit;
 pub mod matching;
+mod pipeline;
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use livekit_protocol as proto;
 use rand::Rng;
 use tokio::sync::{broadcast, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::egress_request::StartRequest;
-use crate::fleet::{Fleet, FleetView};
+use crate::fleet::Fleet;
 use crate::intake::now_ms;
 use crate::model::Settings;
-use crate::queue::{FencedStore, QueueError, QueueEvent, QueueName, QueueStore, Ticket, TicketId};
-use crate::telemetry::{DispatchMetrics, DispatchOutcome};
-use capacity::Reservations;
+use crate::queue::{QueueEvent, QueueName, QueueStore};
+use crate::telemetry::DispatchMetrics;
 use lease::Lease;
-use livekit::{EgressApi, EgressApiError, ListFilter, StartFailure};
-use matching::{FoundStatus, candidates, found_status};
+use livekit::EgressApi;
+use pipeline::Term;
 
 /// Which queued ticket may start.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Deserialize)]
@@ -60,9 +71,18 @@ pub struct DispatchOptions {
     pub order: Order,
     /// Lease time: a standby takes over within it when the leader dies.
     pub lease: Duration,
-    /// How long after an attempt began an egress it started must be visible: above the call
-    /// timeout, itself above livekit-server's no-capacity answer time.
+    /// Lease time that must be left when a start call is sent.
+    pub lease_margin: Duration,
+    /// Start calls in flight at once.
+    pub max_in_flight: usize,
+    /// Limit on one start call: above livekit-server's no-capacity answer time.
+    pub call_timeout: Duration,
+    /// How long after an attempt began an egress it started must be listed: above the call
+    /// timeout (a call is only sent while it fits in this window).
     pub settle_after: Duration,
+    /// How long livekit-server may be impossible to ask whether an attempt started before its
+    /// ticket becomes a dead letter (counted once the settle window has passed too).
+    pub unreachable_limit: Duration,
     /// How long a start answered `not_found` (room not created yet) is retried.
     pub not_found_retry: Duration,
     /// First retry delay after a failed start; it doubles per failure, with jitter.
@@ -90,7 +110,11 @@ impl Default for DispatchOptions {
         DispatchOptions {
             order: Order::Strict,
             lease: Duration::from_secs(10),
+            lease_margin: Duration::from_secs(2),
+            max_in_flight: 64,
+            call_timeout: livekit::DEFAULT_REQUEST_TIMEOUT,
             settle_after: livekit::DEFAULT_REQUEST_TIMEOUT + Duration::from_secs(5),
+            unreachable_limit: Duration::from_secs(5 * 60),
             not_found_retry: Duration::from_secs(60),
             backoff_first: Duration::from_millis(500),
             backoff_max: Duration::from_secs(30),
@@ -114,7 +138,8 @@ pub enum FaultPoint {
     BeforeClaim,
     /// The ticket is `dispatching`; nothing called yet.
     AfterClaim,
-    /// The start request is on its way: stopped before the answer arrives.
+    /// The start request is on its way (one of several in flight): stopped before the answer
+    /// arrives.
     DuringCall,
     /// The start answered; its outcome is not written yet.
     AfterCall,
@@ -147,6 +172,10 @@ impl FaultPoint {
 pub trait FaultHook: Send + Sync {
     /// True to stop the dispatcher at `point` at once, without releasing anything.
     fn crash_at(&self, point: FaultPoint) -> bool;
+
+    /// Called right before a start call is sent (after its ticket was claimed): a hook that
+    /// blocks the thread here plays a process that froze (a GC pause, a node stall).
+    fn before_send(&self) {}
 }
 
 /// Why [`Dispatcher::run`] ended other than by shutdown.
@@ -157,19 +186,6 @@ pub enum DispatchError {
     Crashed(FaultPoint),
 }
 
-/// Why a step ended early.
-#[derive(Debug)]
-enum StepError {
-    Queue(QueueError),
-    Crashed(FaultPoint),
-}
-
-impl From<QueueError> for StepError {
-    fn from(error: QueueError) -> Self {
-        StepError::Queue(error)
-    }
-}
-
 /// Why a leadership term ended.
 enum TermEnd {
     Shutdown,
@@ -177,29 +193,15 @@ enum TermEnd {
     Crashed(FaultPoint),
 }
 
-/// What to do after a step.
-enum Next {
-    /// Another step at once.
-    Continue,
-    /// Sleep until `until`, or until the queue or the fleet changes when `on_change`.
-    Wait { until: Instant, on_change: bool },
-}
-
-/// Why a queued ticket does not start now.
-#[derive(Debug, Clone, Copy)]
-struct Parked {
-    until: Instant,
-    /// In strict order, a parked head that waits for capacity holds everything behind it; a
-    /// head whose room does not exist yet does not.
-    holds_order: bool,
-}
-
 /// The dispatcher of one queue.
 pub struct Dispatcher<A> {
     queue: QueueName,
+    /// Every queue this process serves: an egress recorded for a ticket of any of them is
+    /// never adopted by another.
+    served: Vec<QueueName>,
     store: QueueStore,
     fleet: Fleet,
-    api: A,
+    api: Arc<A>,
     settings: Settings,
     options: DispatchOptions,
     holder: String,
@@ -223,10 +225,11 @@ impl<A: EgressApi> Dispatcher<A> {
         metrics: Arc<DispatchMetrics>,
     ) -> Self {
         Dispatcher {
+            served: vec![queue.clone()],
             queue,
             store,
             fleet,
-            api,
+            api: Arc::new(api),
             settings,
             options,
             holder,
@@ -239,6 +242,16 @@ impl<A: EgressApi> Dispatcher<A> {
     /// Adds fault injection (tests).
     pub fn with_faults(mut self, faults: Arc<dyn FaultHook>) -> Self {
         self.faults = Some(faults);
+        self
+    }
+
+    /// Every queue the process serves (this one is added when missing).
+    pub fn with_served_queues(mut self, queues: &[QueueName]) -> Self {
+        for queue in queues {
+            if !self.served.contains(queue) {
+                self.served.push(queue.clone());
+            }
+        }
         self
     }
 
@@ -287,13 +300,15 @@ impl<A: EgressApi> Dispatcher<A> {
                 "Dispatcher lease acquired; leading."
             );
             self.metrics.set_leader(&self.queue, &self.holder, true);
+            let (deadline_tx, deadline) = watch::channel(acquired_at + lease.ttl());
             let end = {
-                let mut term = Term::new(&self, lease.token());
+                let mut term = Term::new(&self, lease.token(), deadline);
                 tokio::select! {
-                    lost = keep_lease(&lease, acquired_at) => TermEnd::Lost(lost),
+                    lost = keep_lease(&lease, acquired_at, &deadline_tx) => TermEnd::Lost(lost),
                     end = term.lead(&shutdown) => end,
                 }
             };
+            self.metrics.set_in_flight(&self.queue, 0);
             self.metrics.set_leader(&self.queue, &self.holder, false);
             match end {
                 TermEnd::Shutdown => {
@@ -315,9 +330,14 @@ impl<A: EgressApi> Dispatcher<A> {
     }
 }
 
-/// Renews the lease every third of its time; returns when it is lost: refused (someone else
-/// holds it) or not renewed within its time, counted from before the last successful call.
-async fn keep_lease(lease: &Lease, acquired_at: Instant) -> &'static str {
+/// Renews the lease every third of its time, publishing until when it is surely held; returns
+/// when it is lost: refused (someone else holds it) or not renewed within its time, counted
+/// from before the last successful call.
+async fn keep_lease(
+    lease: &Lease,
+    acquired_at: Instant,
+    held_until: &watch::Sender<Instant>,
+) -> &'static str {
     let ttl = lease.ttl();
     let mut deadline = acquired_at + ttl;
     loop {
@@ -329,7 +349,10 @@ async fn keep_lease(lease: &Lease, acquired_at: Instant) -> &'static str {
         tokio::select! {
             _ = tokio::time::sleep_until(deadline) => return "not renewed in time",
             renewed = lease.renew() => match renewed {
-                Ok(true) => deadline = sent + ttl,
+                Ok(true) => {
+                    deadline = sent + ttl;
+                    held_until.send_replace(deadline);
+                }
                 Ok(false) => return "taken over",
                 Err(error) => tracing::warn!(%error, "Dispatcher lease renewal failed."),
             }
@@ -341,616 +364,4 @@ async fn keep_lease(lease: &Lease, acquired_at: Instant) -> &'static str {
 fn jitter(delay: Duration) -> Duration {
     let half = delay / 2;
     half + half.mul_f64(rand::rng().random::<f64>())
-}
-
-/// One leadership term: the state that only makes sense while the lease is held.
-struct Term<'a, A> {
-    d: &'a Dispatcher<A>,
-    fenced: FencedStore<'a>,
-    reservations: Reservations,
-    parked: HashMap<TicketId, Parked>,
-    failures: HashMap<TicketId, u32>,
-    not_found_since: HashMap<TicketId, Instant>,
-    next_reconcile: Instant,
-    events: broadcast::Receiver<QueueEvent>,
-    views: watch::Receiver<Arc<FleetView>>,
-}
-
-impl<'a, A: EgressApi> Term<'a, A> {
-    fn new(d: &'a Dispatcher<A>, token: u64) -> Self {
-        Term {
-            d,
-            fenced: d.store.fenced(token),
-            reservations: Reservations::new(d.options.reservation_lag),
-            parked: HashMap::new(),
-            failures: HashMap::new(),
-            not_found_since: HashMap::new(),
-            next_reconcile: Instant::now(),
-            events: d.events.subscribe(),
-            views: d.fleet.subscribe(),
-        }
-    }
-
-    fn fault(&self, point: FaultPoint) -> Result<(), StepError> {
-        match &self.d.faults {
-            Some(hook) if hook.crash_at(point) => Err(StepError::Crashed(point)),
-            _ => Ok(()),
-        }
-    }
-
-    async fn lead(&mut self, shutdown: &CancellationToken) -> TermEnd {
-        let mut redis_backoff = self.d.options.backoff_first;
-        loop {
-            if shutdown.is_cancelled() {
-                return TermEnd::Shutdown;
-            }
-            let next = match self.step(shutdown).await {
-                Ok(next) => {
-                    redis_backoff = self.d.options.backoff_first;
-                    next
-                }
-                Err(StepError::Crashed(point)) => return TermEnd::Crashed(point),
-                Err(StepError::Queue(QueueError::Fenced)) => {
-                    return TermEnd::Lost("fenced by a newer dispatcher");
-                }
-                Err(StepError::Queue(error)) => {
-                    tracing::warn!(queue = %self.d.queue, %error, "Dispatch step failed; retrying.");
-                    let until = Instant::now() + jitter(redis_backoff);
-                    redis_backoff = (redis_backoff * 2).min(self.d.options.backoff_max);
-                    Next::Wait {
-                        until,
-                        on_change: false,
-                    }
-                }
-            };
-            if let Next::Wait { until, on_change } = next {
-                self.wait(until, on_change, shutdown).await;
-            }
-        }
-    }
-
-    /// Sleeps until `until` (at most the poll interval), shutdown, or a change of the queue or
-    /// the fleet when `on_change`.
-    async fn wait(&mut self, until: Instant, on_change: bool, shutdown: &CancellationToken) {
-        let until = until.min(Instant::now() + self.d.options.poll_interval);
-        let queue = &self.d.queue;
-        let events = &mut self.events;
-        let views = &mut self.views;
-        let queue_changed = async {
-            loop {
-                match events.recv().await {
-                    Ok(QueueEvent::Changed(changed)) if &changed != queue => continue,
-                    Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => return,
-                    Err(broadcast::error::RecvError::Closed) => std::future::pending().await,
-                }
-            }
-        };
-        let fleet_changed = async {
-            if views.changed().await.is_err() {
-                std::future::pending::<()>().await;
-            }
-        };
-        if on_change {
-            tokio::select! {
-                _ = shutdown.cancelled() => {}
-                _ = tokio::time::sleep_until(until) => {}
-                _ = queue_changed => {}
-                _ = fleet_changed => {}
-            }
-        } else {
-            tokio::select! {
-                _ = shutdown.cancelled() => {}
-                _ = tokio::time::sleep_until(until) => {}
-            }
-        }
-    }
-
-    async fn step(&mut self, shutdown: &CancellationToken) -> Result<Next, StepError> {
-        self.fault(FaultPoint::BeforeStep)?;
-        let now = Instant::now();
-        // This step reads the queue and the fleet as they are now: only changes from here on
-        // should wake the next wait (this dispatcher's own writes are announced too).
-        while !matches!(
-            self.events.try_recv(),
-            Err(broadcast::error::TryRecvError::Empty | broadcast::error::TryRecvError::Closed)
-        ) {}
-        self.views.borrow_and_update();
-
-        // 1. Attempts of unknown outcome hold everything else.
-        let dispatching = self.d.store.dispatching(&self.d.queue).await?;
-        if !dispatching.is_empty() {
-            let mut recheck: Option<Instant> = None;
-            for id in &dispatching {
-                if let Some(until) = self.settle(id).await? {
-                    recheck = Some(recheck.map_or(until, |r| r.min(until)));
-                }
-            }
-            return Ok(match recheck {
-                Some(until) => Next::Wait {
-                    until,
-                    on_change: false,
-                },
-                None => Next::Continue,
-            });
-        }
-
-        // 2. Now and then, active tickets against livekit-server.
-        if now >= self.next_reconcile {
-            self.reconcile_active().await?;
-            self.forget_gone().await?;
-            self.next_reconcile = Instant::now() + self.d.options.reconcile_interval;
-        }
-
-        // 3. The next ticket the fleet can take.
-        let view = match self.d.fleet.current() {
-            Ok(view) => view,
-            Err(error) => {
-                tracing::debug!(queue = %self.d.queue, %error, "No trusted fleet snapshot; not dispatching.");
-                return Ok(Next::Wait {
-                    until: self.next_reconcile,
-                    on_change: true,
-                });
-            }
-        };
-        self.reservations.release_reflected(&view);
-        self.parked.retain(|_, parked| parked.until > now);
-        let window = match self.d.options.order {
-            Order::Strict => 1 + self.parked.len(),
-            Order::Backfill => self.d.options.backfill_window.max(1 + self.parked.len()),
-        };
-        let queued = self.d.store.peek_n(&self.d.queue, window).await?;
-        let mut wake = self.next_reconcile;
-        for ticket in queued {
-            if let Some(parked) = self.parked.get(&ticket.id) {
-                wake = wake.min(parked.until);
-                if parked.holds_order && self.d.options.order == Order::Strict {
-                    break;
-                }
-                continue;
-            }
-            let cost = self.d.settings.costs.cost(ticket.kind);
-            if cost > self.d.settings.pod_cpu {
-                self.fail_queued(
-                    &ticket,
-                    &format!(
-                        "unschedulable: a {} job costs {} cores, more than a pod's {} cores",
-                        ticket.kind,
-                        cost as f64 / 1000.0,
-                        self.d.settings.pod_cpu as f64 / 1000.0
-                    ),
-                )
-                .await?;
-                return Ok(Next::Continue);
-            }
-            if self.reservations.fits(&view, &self.d.settings, ticket.kind) {
-                self.dispatch(ticket, shutdown).await?;
-                return Ok(Next::Continue);
-            }
-            if self.d.options.order == Order::Strict {
-                break;
-            }
-        }
-        Ok(Next::Wait {
-            until: wake,
-            on_change: true,
-        })
-    }
-
-    /// Claims `ticket` and fails it at once (a ticket that can never start).
-    async fn fail_queued(&mut self, ticket: &Ticket, error: &str) -> Result<(), StepError> {
-        let attempt = uuid::Uuid::new_v4().simple().to_string();
-        if self
-            .fenced
-            .claim(&ticket.id, &attempt, now_ms())
-            .await?
-            .is_some()
-        {
-            self.fail(&ticket.id, error).await?;
-        }
-        Ok(())
-    }
-
-    async fn fail(&mut self, id: &TicketId, error: &str) -> Result<(), StepError> {
-        if self.fenced.mark_failed(id, error, now_ms()).await? {
-            tracing::warn!(queue = %self.d.queue, ticket = %id, error, "Request failed; kept as a dead letter.");
-            self.d.metrics.outcome(DispatchOutcome::failed);
-        }
-        self.forget(id);
-        Ok(())
-    }
-
-    fn forget(&mut self, id: &TicketId) {
-        self.parked.remove(id);
-        self.failures.remove(id);
-        self.not_found_since.remove(id);
-    }
-
-    /// Puts the ticket back for a retry after a backoff that grows with its failures.
-    async fn retry_later(
-        &mut self,
-        id: &TicketId,
-        attempt: &str,
-        holds_order: bool,
-    ) -> Result<(), StepError> {
-        self.fenced.requeue(id, attempt).await?;
-        let failures = self.failures.entry(id.clone()).or_default();
-        *failures = failures.saturating_add(1);
-        let exponent = (*failures - 1).min(16);
-        let delay =
-            (self.d.options.backoff_first * 2u32.pow(exponent)).min(self.d.options.backoff_max);
-        self.parked.insert(
-            id.clone(),
-            Parked {
-                until: Instant::now() + jitter(delay),
-                holds_order,
-            },
-        );
-        Ok(())
-    }
-
-    /// Starts one queued ticket.
-    async fn dispatch(
-        &mut self,
-        ticket: Ticket,
-        shutdown: &CancellationToken,
-    ) -> Result<(), StepError> {
-        self.fault(FaultPoint::BeforeClaim)?;
-        let attempt = uuid::Uuid::new_v4().simple().to_string();
-        let Some(claimed) = self.fenced.claim(&ticket.id, &attempt, now_ms()).await? else {
-            // Cancelled (or taken) since it was read.
-            return Ok(());
-        };
-        self.fault(FaultPoint::AfterClaim)?;
-        let ticket = claimed.ticket;
-        let request = match stored_request(&ticket) {
-            Ok(request) => request,
-            Err(error) => return self.fail(&ticket.id, &error).await,
-        };
-
-        // Before any retry: did the earlier attempt start it after all?
-        if let Some(since) = claimed.last_attempt_at_ms {
-            match self.find_egress(&ticket, &request, since).await? {
-                Found::Egress(info) => return self.adopt(&ticket, &info).await,
-                Found::Nothing => {}
-                Found::Unreachable => {
-                    self.d.metrics.outcome(DispatchOutcome::unreachable);
-                    return self.retry_later(&ticket.id, &attempt, true).await;
-                }
-            }
-        }
-
-        let result = self.call_start(&request, shutdown).await?;
-        self.fault(FaultPoint::AfterCall)?;
-        let error = match result {
-            Some(Ok(info)) => return self.started(&ticket, &info, DispatchOutcome::started).await,
-            Some(Err(error)) => error,
-            None => {
-                tracing::info!(queue = %self.d.queue, ticket = %ticket.id, "Shutting down with a start in flight; the next leader settles it.");
-                return Ok(());
-            }
-        };
-        let failure = error.start_failure();
-        match failure {
-            StartFailure::Unavailable
-            | StartFailure::Unreachable
-            | StartFailure::Unauthenticated => {
-                let outcome = match failure {
-                    StartFailure::Unavailable => DispatchOutcome::unavailable,
-                    StartFailure::Unreachable => DispatchOutcome::unreachable,
-                    _ => DispatchOutcome::unauthenticated,
-                };
-                if failure == StartFailure::Unauthenticated {
-                    tracing::error!(queue = %self.d.queue, %error, "livekit-server refused the API credentials; check LIVEKIT_API_KEY and LIVEKIT_API_SECRET.");
-                } else {
-                    tracing::info!(queue = %self.d.queue, ticket = %ticket.id, %error, "Start not taken; the ticket stays at the head and is retried.");
-                }
-                self.d.metrics.outcome(outcome);
-                self.retry_later(&ticket.id, &attempt, true).await
-            }
-            StartFailure::NotFound => {
-                let since = *self
-                    .not_found_since
-                    .entry(ticket.id.clone())
-                    .or_insert_with(Instant::now);
-                if since.elapsed() >= self.d.options.not_found_retry {
-                    self.fail(
-                        &ticket.id,
-                        &format!(
-                            "the room did not exist for {:?}: {error}",
-                            self.d.options.not_found_retry
-                        ),
-                    )
-                    .await
-                } else {
-                    tracing::info!(queue = %self.d.queue, ticket = %ticket.id, room = %ticket.room_name, "Room not found yet; retrying.");
-                    self.d.metrics.outcome(DispatchOutcome::not_found);
-                    self.retry_later(&ticket.id, &attempt, false).await
-                }
-            }
-            StartFailure::Rejected => {
-                self.fail(
-                    &ticket.id,
-                    &format!("livekit-server refused the request: {error}"),
-                )
-                .await
-            }
-            StartFailure::Unknown => {
-                tracing::warn!(queue = %self.d.queue, ticket = %ticket.id, %error, "Start outcome unknown; it is reconciled before any retry.");
-                self.d.metrics.outcome(DispatchOutcome::unknown);
-                // The ticket stays dispatching: the next step settles it.
-                Ok(())
-            }
-        }
-    }
-
-    /// The start call; `None` when shutdown came and the drain grace ran out first.
-    async fn call_start(
-        &self,
-        request: &StartRequest,
-        shutdown: &CancellationToken,
-    ) -> Result<Option<Result<proto::EgressInfo, EgressApiError>>, StepError> {
-        if let Some(hook) = &self.d.faults
-            && hook.crash_at(FaultPoint::DuringCall)
-        {
-            // Send it, and die before the answer (or before it is even sent: either happens).
-            let _ = tokio::time::timeout(Duration::from_millis(3), self.d.api.start(request)).await;
-            return Err(StepError::Crashed(FaultPoint::DuringCall));
-        }
-        let grace = self.d.options.drain_grace;
-        let drained = async {
-            shutdown.cancelled().await;
-            tokio::time::sleep(grace).await;
-        };
-        Ok(tokio::select! {
-            result = self.d.api.start(request) => Some(result),
-            _ = drained => None,
-        })
-    }
-
-    /// Records a started (or adopted, still running) egress for the ticket.
-    async fn started(
-        &mut self,
-        ticket: &Ticket,
-        info: &proto::EgressInfo,
-        outcome: DispatchOutcome,
-    ) -> Result<(), StepError> {
-        let now = now_ms();
-        let applied = self
-            .fenced
-            .mark_started(&ticket.id, &info.egress_id, now)
-            .await?;
-        self.fault(FaultPoint::AfterStarted)?;
-        self.reservations
-            .hold(ticket.kind, std::time::Instant::now());
-        self.forget(&ticket.id);
-        // Not applied: its `egress_started` webhook may have recorded it first.
-        let recorded = applied
-            || {
-                let current = self.d.store.get(&ticket.id).await?;
-                let same = current.as_ref().and_then(|t| t.egress_id.as_deref())
-                    == Some(info.egress_id.as_str());
-                if !same {
-                    tracing::error!(
-                        queue = %self.d.queue, ticket = %ticket.id, egress_id = %info.egress_id,
-                        state = ?current.map(|t| t.state),
-                        "Egress started but the ticket records something else; check for a second recording."
-                    );
-                }
-                same
-            };
-        if recorded {
-            let wait = now.saturating_sub(ticket.enqueued_at_ms) as f64 / 1000.0;
-            self.d.metrics.enqueue_to_start_seconds.observe(wait);
-            self.d.metrics.outcome(outcome);
-            tracing::info!(
-                queue = %self.d.queue, ticket = %ticket.id, egress_id = %info.egress_id,
-                room = %ticket.room_name, kind = %ticket.kind, wait_seconds = wait,
-                adopted = outcome == DispatchOutcome::adopted,
-                "Egress started."
-            );
-        }
-        Ok(())
-    }
-
-    /// Records what an earlier attempt turned out to have started.
-    async fn adopt(&mut self, ticket: &Ticket, info: &proto::EgressInfo) -> Result<(), StepError> {
-        self.fault(FaultPoint::BeforeAdopt)?;
-        match found_status(info) {
-            FoundStatus::Running => self.started(ticket, info, DispatchOutcome::adopted).await,
-            FoundStatus::Over => {
-                // It recorded and is over already: the request was served once.
-                self.started(ticket, info, DispatchOutcome::adopted).await?;
-                if self.fenced.mark_ended(&ticket.id, now_ms()).await? {
-                    self.d.metrics.outcome(DispatchOutcome::ended);
-                }
-                Ok(())
-            }
-            FoundStatus::Failed => {
-                self.fail(
-                    &ticket.id,
-                    &format!("egress {} failed: {}", info.egress_id, info.error),
-                )
-                .await
-            }
-        }
-    }
-
-    /// Looks for an egress an attempt on `ticket` begun at `since_ms` may have started.
-    async fn find_egress(
-        &self,
-        ticket: &Ticket,
-        request: &StartRequest,
-        since_ms: u64,
-    ) -> Result<Found, StepError> {
-        // All of the room's egress, ended ones too: one that already ended was still this
-        // request's recording. Web egress has no room: only the active ones, all rooms.
-        let (filter, active) = match request.room_name() {
-            Some(room) => (ListFilter::Room(room.to_owned()), false),
-            None => (ListFilter::All, true),
-        };
-        let listed = match self.d.api.list_egress(&filter, active).await {
-            Ok(listed) => listed,
-            Err(error) => {
-                tracing::warn!(queue = %self.d.queue, ticket = %ticket.id, %error, "ListEgress failed; the attempt stays unsettled.");
-                return Ok(Found::Unreachable);
-            }
-        };
-        for info in candidates(&listed, request, since_ms, self.d.options.clock_skew) {
-            match self
-                .d
-                .store
-                .ticket_for_egress(&self.d.queue, &info.egress_id)
-                .await?
-            {
-                Some(owner) if owner != ticket.id => continue,
-                _ => return Ok(Found::Egress(Box::new(info.clone()))),
-            }
-        }
-        Ok(Found::Nothing)
-    }
-
-    /// Settles a `dispatching` ticket; `Some(time)` when it cannot be settled before then.
-    async fn settle(&mut self, id: &TicketId) -> Result<Option<Instant>, StepError> {
-        let Some(ticket) = self.d.store.get(id).await? else {
-            return Ok(None);
-        };
-        let (Some(attempt), Some(began)) = (ticket.attempt_id.clone(), ticket.dispatching_at_ms)
-        else {
-            return Ok(None);
-        };
-        let request = match stored_request(&ticket) {
-            Ok(request) => request,
-            Err(error) => {
-                self.fail(id, &error).await?;
-                return Ok(None);
-            }
-        };
-        let recheck = Instant::now() + self.d.options.recheck_interval;
-        match self.find_egress(&ticket, &request, began).await? {
-            Found::Egress(info) => {
-                self.adopt(&ticket, &info).await?;
-                Ok(None)
-            }
-            Found::Unreachable => Ok(Some(recheck)),
-            Found::Nothing => {
-                let settled_at =
-                    began.saturating_add(self.d.options.settle_after.as_millis() as u64);
-                let now = now_ms();
-                if now < settled_at {
-                    let left = Duration::from_millis(settled_at - now);
-                    return Ok(Some(recheck.min(Instant::now() + left)));
-                }
-                self.fault(FaultPoint::BeforeRequeue)?;
-                if self.fenced.requeue(id, &attempt).await? {
-                    tracing::info!(queue = %self.d.queue, ticket = %id, "The attempt started nothing; the ticket is back at its place.");
-                    self.d.metrics.outcome(DispatchOutcome::requeued);
-                }
-                self.fault(FaultPoint::AfterRequeue)?;
-                Ok(None)
-            }
-        }
-    }
-
-    /// Drops the retry state of tickets no longer queued (cancelled while waiting).
-    async fn forget_gone(&mut self) -> Result<(), StepError> {
-        let tracked: Vec<TicketId> = self
-            .failures
-            .keys()
-            .chain(self.not_found_since.keys())
-            .cloned()
-            .collect();
-        for id in tracked {
-            let queued = self
-                .d
-                .store
-                .get(&id)
-                .await?
-                .is_some_and(|ticket| ticket.state == crate::queue::TicketState::Queued);
-            if !queued {
-                self.forget(&id);
-            }
-        }
-        Ok(())
-    }
-
-    /// Ends the active tickets whose egress is over (their `egress_ended` webhook was lost).
-    async fn reconcile_active(&mut self) -> Result<(), StepError> {
-        let ids = self.d.store.active(&self.d.queue).await?;
-        if ids.is_empty() {
-            return Ok(());
-        }
-        let mut by_room: HashMap<String, Vec<Ticket>> = HashMap::new();
-        for id in ids {
-            if let Some(ticket) = self.d.store.get(&id).await?
-                && ticket.egress_id.is_some()
-            {
-                by_room
-                    .entry(ticket.room_name.clone())
-                    .or_default()
-                    .push(ticket);
-            }
-        }
-        for (room, tickets) in by_room {
-            let listed = match self
-                .d
-                .api
-                .list_egress(&ListFilter::Room(room.clone()), false)
-                .await
-            {
-                Ok(listed) => listed,
-                Err(error) => {
-                    tracing::warn!(queue = %self.d.queue, %room, %error, "ListEgress failed; active tickets not checked.");
-                    return Ok(());
-                }
-            };
-            for ticket in tickets {
-                let egress_id = ticket.egress_id.clone().unwrap_or_default();
-                let mut info = listed
-                    .iter()
-                    .find(|info| info.egress_id == egress_id)
-                    .cloned();
-                if info.is_none() {
-                    // Web egress is not listed under the room: ask for it by id.
-                    info = match self
-                        .d
-                        .api
-                        .list_egress(&ListFilter::Egress(egress_id.clone()), false)
-                        .await
-                    {
-                        Ok(found) => found.into_iter().next(),
-                        Err(_) => continue,
-                    };
-                }
-                let over = info
-                    .as_ref()
-                    .is_none_or(|info| found_status(info) != FoundStatus::Running);
-                if over && self.fenced.mark_ended(&ticket.id, now_ms()).await? {
-                    tracing::info!(queue = %self.d.queue, ticket = %ticket.id, %egress_id, "Egress found ended; ticket ended.");
-                    self.d.metrics.outcome(DispatchOutcome::ended);
-                }
-            }
-        }
-        Ok(())
-    }
-}
-
-/// What a look for an earlier attempt's egress found.
-enum Found {
-    Egress(Box<proto::EgressInfo>),
-    Nothing,
-    /// livekit-server could not be asked.
-    Unreachable,
-}
-
-/// The stored start request of a ticket, as it will be sent.
-fn stored_request(ticket: &Ticket) -> Result<StartRequest, String> {
-    let value = match &ticket.request {
-        Some(text) => Some(
-            serde_json::from_str(text)
-                .map_err(|error| format!("the stored request is not JSON: {error}"))?,
-        ),
-        None => None,
-    };
-    StartRequest::parse(ticket.kind, &ticket.room_name, value)
-        .map_err(|error| format!("the stored request is invalid: {error}"))
 }

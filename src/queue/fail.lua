@@ -9,10 +9,8 @@ if not leave_unstarted() then
   return 0
 end
 redis.call('HSET', ticket, 'error', ARGV[5])
+redis.call('HDEL', ticket, 'attempt', 'dispatching_at', 'unsettled_at')
 finish('failed', ARGV[6], ARGV[7])
-redis.call('ZADD', dead, ARGV[6], id)
--- A dead letter lives as long as its ticket hash, and only the newest are kept.
-redis.call('ZREMRANGEBYSCORE', dead, '-inf', '(' .. ARGV[8])
-redis.call('ZREMRANGEBYRANK', dead, 0, -1 - tonumber(ARGV[9]))
+dead_letter(ARGV[6], ARGV[8], ARGV[9])
 changed()
 return 1

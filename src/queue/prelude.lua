@@ -68,6 +68,24 @@ local function stale_fence(token)
   return redis.error_reply('FENCED a newer dispatcher holds the lease')
 end
 
+-- A failed ticket is kept in the dead-letter set: as long as its hash, and only the newest.
+local function dead_letter(now, oldest, kept)
+  redis.call('ZADD', dead, now, id)
+  redis.call('ZREMRANGEBYSCORE', dead, '-inf', '(' .. oldest)
+  redis.call('ZREMRANGEBYRANK', dead, 0, -1 - tonumber(kept))
+end
+
+-- The record of which ticket an egress was started for: kept after the ticket ends, so that
+-- an egress recorded once is never adopted by another ticket.
+local function recorded_key(egress_id)
+  return prefix .. 'recorded:' .. egress_id
+end
+
+-- An egress that ended before any ticket recorded it (its `egress_ended` webhook came first).
+local function over_key(egress_id)
+  return prefix .. 'egress_over:' .. egress_id
+end
+
 local function changed()
   redis.call('PUBLISH', channel, queue)
 end
