@@ -211,7 +211,9 @@ pub async fn start(config: ServeConfig, shutdown: CancellationToken) -> anyhow::
                 holder.clone(),
                 events.clone(),
                 Arc::clone(&dispatch_metrics),
-            );
+            )
+            // An egress recorded for a ticket of any served queue is never adopted by another.
+            .with_served_queues(config.queues.as_slice());
             let token = shutdown.clone();
             let queue = queue.clone();
             tasks.spawn(async move {
