@@ -1016,6 +1016,19 @@ impl QueueStore {
         self.claim_with(ticket, attempt_id, now_ms, None).await
     }
 
+    /// Marks the attempt `attempt_id` of a dispatching ticket as of unknown outcome: only such
+    /// an attempt is matched by an `egress_started` webhook.
+    pub async fn unsettle(
+        &self,
+        ticket: &TicketId,
+        attempt_id: &str,
+        now_ms: u64,
+    ) -> Result<bool, QueueError> {
+        let mut invocation = transition(&UNSETTLE, ticket);
+        invocation.arg(attempt_id).arg(now_ms);
+        self.applied(&invocation).await
+    }
+
     /// dispatching (by `attempt_id`) -> queued, back at its original place in the FIFO.
     pub async fn requeue(&self, ticket: &TicketId, attempt_id: &str) -> Result<bool, QueueError> {
         self.requeue_with(ticket, attempt_id, None).await

@@ -1517,7 +1517,10 @@ async fn an_answer_that_started_nothing_is_never_followed_by_an_adoption() {
         .await
     );
     let recorded = world.store.get(&ticket).await.unwrap().unwrap();
-    assert_ne!(recorded.egress_id.as_deref(), Some(theirs.egress_id.as_str()));
+    assert_ne!(
+        recorded.egress_id.as_deref(),
+        Some(theirs.egress_id.as_str())
+    );
     assert_eq!(world.livekit.started().len(), 2, "ours was started");
     assert_eq!(outcome(&world, "adopted"), 0);
     running.shutdown().await;
@@ -1528,9 +1531,11 @@ async fn an_attempt_whose_listing_answers_not_found_is_settled_after_its_window(
     let world = World::start(WorldSetup::default()).await;
     let q = queue("settle-not-found");
     let api = ScriptedApi::new(&world)
-            .play("proxied", Play::ProxyPageNotSent)
-            .listing(Listing::NotFound);
-    let ticket = world.enqueue(&q, EgressKind::RoomComposite, "proxied").await;
+        .play("proxied", Play::ProxyPageNotSent)
+        .listing(Listing::NotFound);
+    let ticket = world
+        .enqueue(&q, EgressKind::RoomComposite, "proxied")
+        .await;
     let running = Running::spawn(world.dispatcher(&q, api, fast_options(), "d"));
     assert!(
         eventually(Duration::from_secs(5), || async {
@@ -1555,9 +1560,11 @@ async fn an_attempt_livekit_cannot_be_asked_about_becomes_a_dead_letter_without_
     .await;
     let q = queue("settle-unreachable");
     let api = ScriptedApi::new(&world)
-            .play("proxied", Play::ProxyPageNotSent)
-            .listing(Listing::Unreachable);
-    let stuck = world.enqueue(&q, EgressKind::RoomComposite, "proxied").await;
+        .play("proxied", Play::ProxyPageNotSent)
+        .listing(Listing::Unreachable);
+    let stuck = world
+        .enqueue(&q, EgressKind::RoomComposite, "proxied")
+        .await;
     let behind = world.enqueue(&q, EgressKind::RoomComposite, "behind").await;
     let options = DispatchOptions {
         unreachable_limit: Duration::from_millis(800),
@@ -1583,7 +1590,9 @@ async fn an_attempt_livekit_cannot_be_asked_about_becomes_a_dead_letter_without_
     assert_eq!(outcome(&world, "unsettled"), 1);
     // Its demand is gone, and the room can be asked for again.
     assert_eq!(world.store.demand(&q).await.unwrap().total(), 0);
-    let again = world.enqueue(&q, EgressKind::RoomComposite, "proxied").await;
+    let again = world
+        .enqueue(&q, EgressKind::RoomComposite, "proxied")
+        .await;
     assert_ne!(again, stuck);
     running.shutdown().await;
 }
@@ -1619,7 +1628,9 @@ async fn already_exists_means_it_started_and_is_adopted() {
     let world = World::start(WorldSetup::default()).await;
     let q = queue("exists");
     let api = ScriptedApi::new(&world).play("retried", Play::StartedAlreadyExists);
-    let ticket = world.enqueue(&q, EgressKind::RoomComposite, "retried").await;
+    let ticket = world
+        .enqueue(&q, EgressKind::RoomComposite, "retried")
+        .await;
     let running = Running::spawn(world.dispatcher(&q, api, fast_options(), "d"));
     assert!(
         eventually(Duration::from_secs(5), || async {
@@ -1690,7 +1701,11 @@ async fn a_cancel_while_dispatching_is_kept_and_the_started_egress_stopped() {
         .await
     );
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(world.livekit.start_calls(), 1, "b never reached livekit-server");
+    assert_eq!(
+        world.livekit.start_calls(),
+        1,
+        "b never reached livekit-server"
+    );
     assert_eq!(world.livekit.started().len(), 1);
     running.shutdown().await;
 }

@@ -224,6 +224,16 @@ async fn egress_webhooks_adopt_confirm_and_end_tickets() {
         .await
         .unwrap()
         .unwrap();
+    // While its answer may still come, no webhook decides for it.
+    let started = egress_event("egress_started", "EG_standup", "standup");
+    assert_eq!(send_event(&client, &server, &started).await, 200);
+    assert_eq!(state(&store, &ticket).await, TicketState::Dispatching);
+    assert!(
+        store
+            .unsettle(&ticket, "attempt-1", egress_scaler::intake::now_ms())
+            .await
+            .unwrap()
+    );
 
     // Another room's egress is not this ticket's.
     let unrelated = egress_event("egress_started", "EG_other", "elsewhere");

@@ -175,14 +175,15 @@ impl TwirpEgressApi {
             .await
             .map_err(|error| self.transport_error(error, limit))?;
         let status = response.status();
-        let body = response
-            .bytes()
-            .await
-            .map_err(|error| match self.transport_error(error, limit) {
-                // The request went through: a failed read is not "unreachable".
-                EgressApiError::Unreachable(text) => EgressApiError::Transport(text),
-                other => other,
-            })?;
+        let body =
+            response
+                .bytes()
+                .await
+                .map_err(|error| match self.transport_error(error, limit) {
+                    // The request went through: a failed read is not "unreachable".
+                    EgressApiError::Unreachable(text) => EgressApiError::Transport(text),
+                    other => other,
+                })?;
         if status != reqwest::StatusCode::OK {
             return Err(twirp_failure(status, &body));
         }

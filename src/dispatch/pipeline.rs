@@ -77,7 +77,7 @@ struct Unsettled {
 /// What a start call task reports.
 #[derive(Debug)]
 enum Sent {
-    Answered(Result<proto::EgressInfo, EgressApiError>),
+    Answered(Box<Result<proto::EgressInfo, EgressApiError>>),
     /// Not sent: the lease guard found too little time.
     Withheld(&'static str),
     Crashed(FaultPoint),
@@ -108,7 +108,7 @@ enum Done {
     Stop {
         ticket: TicketId,
         egress_id: String,
-        result: Result<proto::EgressInfo, EgressApiError>,
+        result: Result<(), EgressApiError>,
     },
 }
 
@@ -282,7 +282,9 @@ impl<'a, A: EgressApi> Term<'a, A> {
     /// Sleeps until `wake`, a finished task (returned), shutdown, or a change of the queue or
     /// the fleet when `on_change`.
     async fn wait(&mut self, wake: Wake, shutdown: &CancellationToken) -> Option<Done> {
-        let until = wake.until.min(Instant::now() + self.d.options.poll_interval);
+        let until = wake
+            .until
+            .min(Instant::now() + self.d.options.poll_interval);
         let queue = &self.d.queue;
         let events = &mut self.events;
         let views = &mut self.views;
@@ -508,8 +510,7 @@ impl<'a, A: EgressApi> Term<'a, A> {
                 let id = attempt.ticket.id.clone();
                 self.in_flight.remove(&id);
                 let result = self.answered(&attempt, sent).await;
-                if matches!(result, Err(StepError::Queue(_))) && !self.unsettled.contains_key(&id)
-                {
+                if matches!(result, Err(StepError::Queue(_))) && !self.unsettled.contains_key(&id) {
                     // The answer could not be recorded: settle the attempt like a lost answer.
                     self.unsettled.insert(
                         id,
@@ -545,13 +546,15 @@ impl<'a, A: EgressApi> Term<'a, A> {
                 tracing::warn!(queue = %self.d.queue, ticket = %ticket.id, reason = why, "Start not sent; the ticket goes back to its place.");
                 return self.not_started(attempt, false).await;
             }
-            Sent::Answered(Ok(info)) => {
-                self.fault(FaultPoint::AfterCall)?;
-                return self
-                    .record_start(attempt, &info, DispatchOutcome::started)
-                    .await;
-            }
-            Sent::Answered(Err(error)) => error,
+            Sent::Answered(answer) => match *answer {
+                Ok(info) => {
+                    self.fault(FaultPoint::AfterCall)?;
+                    return self
+                        .record_start(attempt, &info, DispatchOutcome::started)
+                        .await;
+                }
+                Err(error) => error,
+            },
         };
         self.fault(FaultPoint::AfterCall)?;
         let failure = error.start_failure();
@@ -764,7 +767,12 @@ impl<'a, A: EgressApi> Term<'a, A> {
     /// Whether an egress is recorded for a ticket of any served queue.
     async fn recorded_anywhere(&self, egress_id: &str) -> Result<bool, StepError> {
         for queue in &self.d.served {
-            if self.d.store.recorded_egress(queue, egress_id).await?.is_some()
+            if self
+                .d
+                .store
+                .recorded_egress(queue, egress_id)
+                .await?
+                .is_some()
                 || self
                     .d
                     .store
@@ -857,7 +865,11 @@ impl<'a, A: EgressApi> Term<'a, A> {
     }
 
     /// Records what an attempt of unknown outcome turned out to have started.
-    async fn adopt(&mut self, attempt: &Attempt, info: &proto::EgressInfo) -> Result<(), StepError> {
+    async fn adopt(
+        &mut self,
+        attempt: &Attempt,
+        info: &proto::EgressInfo,
+    ) -> Result<(), StepError> {
         self.fault(FaultPoint::BeforeAdopt)?;
         let id = &attempt.ticket.id;
         match found_status(info) {
@@ -888,7 +900,12 @@ impl<'a, A: EgressApi> Term<'a, A> {
                 let error = egress_error(info);
                 if self
                     .fenced
-                    .finish(id, &Finish::Failed(error.clone()), Some(&info.egress_id), now_ms())
+                    .finish(
+                        id,
+                        &Finish::Failed(error.clone()),
+                        Some(&info.egress_id),
+                        now_ms(),
+                    )
                     .await?
                 {
                     tracing::warn!(queue = %self.d.queue, ticket = %id, egress_id = %info.egress_id, error, "The egress of an attempt failed; kept as a dead letter.");
@@ -909,7 +926,7 @@ impl<'a, A: EgressApi> Term<'a, A> {
         let ticket = id.clone();
         let egress_id = egress_id.to_owned();
         self.tasks.spawn(async move {
-            let result = api.stop_egress(&egress_id).await;
+            let result = api.stop_egress(&egress_id).await.map(drop);
             Done::Stop {
                 ticket,
                 egress_id,
@@ -922,7 +939,7 @@ impl<'a, A: EgressApi> Term<'a, A> {
         &mut self,
         id: &TicketId,
         egress_id: &str,
-        result: Result<proto::EgressInfo, EgressApiError>,
+        result: Result<(), EgressApiError>,
     ) -> Result<(), StepError> {
         self.stopping.remove(id);
         match result {
@@ -956,9 +973,8 @@ impl<'a, A: EgressApi> Term<'a, A> {
         self.reconciling = true;
         let api = Arc::clone(&self.d.api);
         let queue = self.d.queue.clone();
-        self.tasks.spawn(async move {
-            Done::Reconcile(check_active(&*api, &queue, tickets).await)
-        });
+        self.tasks
+            .spawn(async move { Done::Reconcile(check_active(&*api, &queue, tickets).await) });
         Ok(())
     }
 
@@ -1064,7 +1080,7 @@ async fn call<A: EgressApi>(
     }
     let held_until = *lease_held_until.borrow();
     match guard.limit(Instant::now(), held_until) {
-        Ok(limit) => Sent::Answered(api.start(request, limit).await),
+        Ok(limit) => Sent::Answered(Box::new(api.start(request, limit).await)),
         Err(why) => Sent::Withheld(why),
     }
 }
@@ -1084,7 +1100,10 @@ async fn check_active<A: EgressApi>(
     }
     let mut found = Vec::new();
     for (room, tickets) in by_room {
-        let listed = match api.list_egress(&ListFilter::Room(room.clone()), false).await {
+        let listed = match api
+            .list_egress(&ListFilter::Room(room.clone()), false)
+            .await
+        {
             Ok(listed) => listed,
             Err(error) => {
                 tracing::warn!(%queue, room = ?room, %error, "ListEgress failed; active tickets not checked.");
