@@ -11,7 +11,8 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde::Deserialize;
 
-use crate::dispatch::Order;
+use crate::dispatch::livekit::DEFAULT_REQUEST_TIMEOUT;
+use crate::dispatch::{DispatchOptions, Order};
 use crate::egress_request::StartRequest;
 use crate::fleet::{FleetConfigError, FleetOptions, FleetSource};
 use crate::model::{EgressKind, Settings, cores_to_millicores};
@@ -143,6 +144,9 @@ pub struct ServeArgs {
     /// ticket fails, seconds [default: 60].
     #[arg(long, env = "EGRESS_SCALER_NOT_FOUND_RETRY_SECONDS")]
     pub not_found_retry_seconds: Option<f64>,
+    /// Start calls to livekit-server in flight at once, per queue [default: 64].
+    #[arg(long, env = "EGRESS_SCALER_MAX_IN_FLIGHT")]
+    pub max_in_flight: Option<u32>,
     /// Queue an egress of this kind for every room_started webhook.
     #[arg(long, value_name = "KIND", env = "EGRESS_SCALER_AUTO_RECORD")]
     pub auto_record: Option<EgressKind>,
@@ -516,6 +520,7 @@ struct FileConfig {
     order: Option<Order>,
     lease_seconds: Option<f64>,
     not_found_retry_seconds: Option<f64>,
+    max_in_flight: Option<u32>,
     auto_record: Option<String>,
     auto_record_rooms: Option<String>,
     auto_record_template: Option<PathBuf>,
@@ -576,6 +581,11 @@ pub struct ServeConfig {
     pub lease: Duration,
     /// How long a start answered `not_found` is retried.
     pub not_found_retry: Duration,
+    /// Start calls in flight at once, per queue.
+    pub max_in_flight: usize,
+    /// Limit on one call to livekit-server (no flag: above its 18-27 s no-capacity answer;
+    /// tests shorten it).
+    pub livekit_call_timeout: Duration,
     /// Recording of every new room, from `room_started` webhooks.
     pub auto_record: Option<AutoRecord>,
     /// This process's name in the dispatcher lease (`HOSTNAME`, the pod name in Kubernetes).
@@ -584,6 +594,9 @@ pub struct ServeConfig {
     /// dispatcher counts its own starts that long.
     pub prometheus_lag: Duration,
 }
+
+/// The most start calls in flight per queue that `--max-in-flight` accepts.
+pub const MAX_IN_FLIGHT: u32 = 1024;
 
 /// How far a Prometheus server's view of the egress pods lags: one scrape interval, at most.
 pub const DEFAULT_PROMETHEUS_LAG: Duration = Duration::from_secs(30);
@@ -777,6 +790,16 @@ impl ServeArgs {
             Some(seconds) => positive_seconds("--not-found-retry-seconds", seconds)?,
             None => Duration::from_secs(60),
         };
+        let max_in_flight = match self.max_in_flight.or(file.max_in_flight) {
+            Some(calls @ 1..=MAX_IN_FLIGHT) => calls as usize,
+            Some(calls) => {
+                return Err(invalid(
+                    "--max-in-flight",
+                    format!("{calls} is not between 1 and {MAX_IN_FLIGHT}"),
+                ));
+            }
+            None => DispatchOptions::default().max_in_flight,
+        };
         let auto_record_kind = match self.auto_record {
             Some(kind) => Some(kind),
             None => file
@@ -811,6 +834,8 @@ impl ServeArgs {
             order,
             lease,
             not_found_retry,
+            max_in_flight,
+            livekit_call_timeout: DEFAULT_REQUEST_TIMEOUT,
             auto_record,
             holder_name,
             prometheus_lag: DEFAULT_PROMETHEUS_LAG,

@@ -16,7 +16,7 @@ use tokio_stream::StreamExt;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::ServeConfig;
-use crate::dispatch::livekit::{DEFAULT_REQUEST_TIMEOUT, TwirpEgressApi};
+use crate::dispatch::livekit::TwirpEgressApi;
 use crate::dispatch::{DispatchOptions, Dispatcher};
 use crate::fleet::{Fleet, FleetMetrics, FleetObserver, FleetSource};
 use crate::intake::{self, AppState};
@@ -191,11 +191,15 @@ pub async fn start(config: ServeConfig, shutdown: CancellationToken) -> anyhow::
         );
         // Every served queue has its own dispatcher, leading (or standing by for) its own lease.
         for queue in &config.queues {
-            let api = TwirpEgressApi::new(url, credentials.clone(), DEFAULT_REQUEST_TIMEOUT)
+            let api = TwirpEgressApi::new(url, credentials.clone(), config.livekit_call_timeout)
                 .context("cannot set up the LiveKit client")?;
             let options = DispatchOptions {
                 order: config.order,
                 lease: config.lease,
+                // A short lease still leaves most of its time for sending starts.
+                lease_margin: (config.lease / 5).min(Duration::from_secs(2)),
+                max_in_flight: config.max_in_flight,
+                call_timeout: api.timeout(),
                 settle_after: api.timeout() + Duration::from_secs(5),
                 not_found_retry: config.not_found_retry,
                 reservation_lag,
@@ -212,8 +216,7 @@ pub async fn start(config: ServeConfig, shutdown: CancellationToken) -> anyhow::
                 events.clone(),
                 Arc::clone(&dispatch_metrics),
             )
-            // An egress recorded for a ticket of any served queue is never adopted by another.
-            .with_served_queues(config.queues.as_slice());
+            .with_served_queues(config.queues.iter().as_slice());
             let token = shutdown.clone();
             let queue = queue.clone();
             tasks.spawn(async move {

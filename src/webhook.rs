@@ -35,7 +35,8 @@ use crate::egress_request::StartRequest;
 use crate::intake::{AppState, now_ms};
 use crate::model::EgressKind;
 use crate::queue::{
-    CancelOutcome, Finish, NewRequest, QueueError, QueueName, QueueStore, ServedQueues, TicketState,
+    CancelOutcome, Finish, NewRequest, QueueError, QueueName, QueueStore, ServedQueues,
+    TicketState,
 };
 use crate::telemetry::{WebhookEvent, WebhookOutcome};
 
@@ -211,16 +212,19 @@ async fn egress_started(
     queue: &QueueName,
     info: &proto::EgressInfo,
 ) -> Result<bool, QueueError> {
-    if store
-        .ticket_for_egress(queue, &info.egress_id)
-        .await?
-        .is_some()
-        || store
-            .recorded_egress(queue, &info.egress_id)
+    // An egress recorded for a ticket of any served queue is never another's.
+    for served in &webhooks.queues {
+        if store
+            .ticket_for_egress(served, &info.egress_id)
             .await?
             .is_some()
-    {
-        return Ok(false);
+            || store
+                .recorded_egress(served, &info.egress_id)
+                .await?
+                .is_some()
+        {
+            return Ok(false);
+        }
     }
     if info
         .request

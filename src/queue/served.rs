@@ -76,11 +76,6 @@ impl ServedQueues {
         self.0.iter()
     }
 
-    /// Every served queue as a slice, the default first.
-    pub fn as_slice(&self) -> &[QueueName] {
-        &self.0
-    }
-
     /// Whether `queue` is served.
     pub fn contains(&self, queue: &QueueName) -> bool {
         self.0.contains(queue)
