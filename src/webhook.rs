@@ -35,8 +35,7 @@ use crate::egress_request::StartRequest;
 use crate::intake::{AppState, now_ms};
 use crate::model::EgressKind;
 use crate::queue::{
-    CancelOutcome, Finish, NewRequest, QueueError, QueueName, QueueStore, ServedQueues,
-    TicketState,
+    CancelOutcome, Finish, NewRequest, QueueError, QueueName, QueueStore, ServedQueues, TicketState,
 };
 use crate::telemetry::{WebhookEvent, WebhookOutcome};
 
