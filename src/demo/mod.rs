@@ -33,7 +33,7 @@ use crate::config::{ApiCredentials, DEMO_MAX_ROOMS, DemoConfig, Environment, Ser
 use crate::model::Settings;
 use crate::queue::{TicketId, TicketState};
 use crate::redis_server::RedisServer;
-use crate::standin::{LiveKitServerStandIn, LiveKitStandInOptions, PrometheusStandIn};
+use crate::standin::{LiveKitServerStandIn, LiveKitStandInOptions, PrometheusStandIn, StartTiming};
 use autoscaler::{Autoscaler, AutoscalerTiming, ScaleState};
 use deployment::{EgressDeployment, PodCounts};
 use plan::Plan;
@@ -74,7 +74,7 @@ pub struct Timing {
     pub scale_down_window: Duration,
     /// KEDA cooldown before the last pod goes (shipped: 600 s).
     pub cooldown: Duration,
-    /// livekit-server's wait for a free pod before `unavailable` (real: 18-27 s).
+    /// livekit-server's retry ladder is cut after this (real: the whole ladder, 18-27 s).
     pub no_capacity_delay: Duration,
     /// serve's `--fleet-refresh-seconds` (default: 2 s).
     pub fleet_refresh: Duration,
@@ -451,6 +451,9 @@ async fn set_up(shutdown: &CancellationToken) -> anyhow::Result<Stage> {
             egress_duration: None,
             webhook_url: None,
             any_room_exists: true,
+            // Starts, statuses and webhooks take their real time.
+            timing: StartTiming::real(),
+            ..LiveKitStandInOptions::default()
         },
         Vec::new(),
     )
