@@ -20,6 +20,7 @@ use std::fmt;
 use std::str::FromStr;
 
 use crate::model::Settings;
+use crate::standin::StartTiming;
 
 use kube::{Behavior, Keda, Millis, RatePolicy, ScalingRules, Select};
 
@@ -144,8 +145,11 @@ pub struct SimOptions {
     pub fleet_refresh: Millis,
     /// Prometheus scrape interval and metrics-server resolution for the anchor policies.
     pub metrics_interval: Millis,
-    /// livekit-server's wait for a pod before it answers 503 (DESIGN.md 1: 18-27 s).
+    /// livekit-server's retry ladder is cut at the first step past this (the ladder itself
+    /// answers 503 at 22.5 s with `start_timing`).
     pub no_capacity_wait: Millis,
+    /// How long a start call takes: [`StartTiming::real`], as the livekit-server stand-in.
+    pub start_timing: StartTiming,
     /// hpa-cpu's target utilization.
     pub cpu_target: f64,
     /// keda-prometheus-available's target of idle pods.
@@ -169,6 +173,7 @@ impl Default for SimOptions {
             fleet_refresh: 2_000,
             metrics_interval: 15_000,
             no_capacity_wait: 20_000,
+            start_timing: StartTiming::real(),
             cpu_target: 0.6,
             available_target: 1,
             egress_scaler: ScaledObjectSettings::shipped(),
