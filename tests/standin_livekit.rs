@@ -961,6 +961,52 @@ async fn authentication_and_routing_errors_have_livekits_shapes() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_are_answered_in_the_format_they_came_in() {
+    use prost::Message;
+    let livekit = livekit(StartTiming::scaled(FAST), &pods(1).await).await;
+    let (status, kind, body) = call(
+        &livekit,
+        "StartRoomCompositeEgress",
+        Some(format!("Bearer {}", token(&livekit, true))),
+        "application/json",
+        json!({"roomName": "json-room", "layout": "grid"}).to_string(),
+    )
+    .await;
+    assert_eq!((status, kind.as_str()), (200, "application/json"));
+    let info: Value = serde_json::from_str(&body).unwrap();
+    assert!(info["egressId"].as_str().unwrap().starts_with("EG_"));
+    assert_eq!(info["roomName"], "json-room");
+    assert_eq!(info["roomComposite"]["layout"], "grid");
+    // Defaults are left out of protobuf JSON: STARTING, and WEB as the source type.
+    assert!(
+        info.get("status").is_none() && info.get("sourceType").is_none(),
+        "{info}"
+    );
+    let answer = support::http_client()
+        .post(format!("{}/twirp/livekit.Egress/ListEgress", livekit.url()))
+        .bearer_auth(token(&livekit, true))
+        .header("content-type", "application/protobuf")
+        .body(
+            proto::ListEgressRequest {
+                room_name: "json-room".to_owned(),
+                ..Default::default()
+            }
+            .encode_to_vec(),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 200);
+    assert_eq!(
+        answer.headers()["content-type"].to_str().unwrap(),
+        "application/protobuf"
+    );
+    let list = proto::ListEgressResponse::decode(answer.bytes().await.unwrap()).unwrap();
+    assert_eq!(list.items.len(), 1);
+    assert_eq!(list.items[0].egress_id, info["egressId"].as_str().unwrap());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_missing_room_and_a_passed_caller_deadline_answer_as_livekit_does() {
     let pods = pods(1).await;
     support::init();
