@@ -1,7 +1,8 @@
 //! `simulate`: scaling policies side by side on the same traffic, in virtual time.
 //!
 //! A discrete-event simulation of egress pods (DESIGN.md 2.1 admission and packing, a cold
-//! start, a graceful drain), livekit-server's no-capacity wait (DESIGN.md 1), and KEDA with
+//! start, a graceful drain), livekit-server's start calls (their launch and bid window, and
+//! the retry ladder without capacity, timed like the stand-in's, DESIGN.md 2.3), and KEDA with
 //! the HPA (DESIGN.md 2.4). The `egress-scaler` policy asks [`crate::model::decide`], the
 //! same function `serve` answers KEDA with, and its dispatcher places jobs with the same
 //! [`crate::model::choose_pod`] rule.

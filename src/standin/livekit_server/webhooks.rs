@@ -5,7 +5,7 @@
 //! than `webhook_max_age` is dropped, and a queue holds at most 200 events.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 use axum::http::header;
@@ -41,7 +41,8 @@ struct Queues {
 #[derive(Debug)]
 pub(super) struct Webhooks {
     queues: Mutex<Queues>,
-    client: Option<reqwest::Client>,
+    /// Made at the first delivery: a stand-in that sends nothing needs no TLS set-up.
+    client: OnceLock<Option<reqwest::Client>>,
     api_key: String,
     api_secret: String,
     timing: StartTiming,
@@ -62,10 +63,7 @@ impl Webhooks {
                 on: true,
                 ..Queues::default()
             }),
-            client: reqwest::Client::builder()
-                .timeout(Duration::from_secs(5))
-                .build()
-                .ok(),
+            client: OnceLock::new(),
             api_key: api_key.to_owned(),
             api_secret: api_secret.to_owned(),
             timing,
@@ -151,7 +149,16 @@ impl Webhooks {
 
     /// One event, with its retries; true when the receiver answered with a final status.
     async fn deliver(&self, queued: &Queued) -> bool {
-        let Some(client) = &self.client else {
+        let client = self.client.get_or_init(|| {
+            // reqwest is built without a default TLS provider; the process may not have
+            // chosen one (a test), so the ring provider is installed unless one is.
+            let _ = rustls::crypto::ring::default_provider().install_default();
+            reqwest::Client::builder()
+                .timeout(Duration::from_secs(5))
+                .build()
+                .ok()
+        });
+        let Some(client) = client else {
             return false;
         };
         let body = serde_json::to_string(&queued.event).expect("protobuf messages encode as JSON");
