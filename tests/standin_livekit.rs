@@ -263,6 +263,15 @@ async fn the_answer_is_starting_with_credentials_and_stream_keys_redacted() {
     assert_eq!(info.room_name, "standup");
     assert!(info.room_id.starts_with("RM_"), "{}", info.room_id);
     assert_eq!(info.source_type, proto::EgressSourceType::Sdk as i32);
+    assert_eq!(info.file_results.len(), 1);
+    assert_eq!(info.file_results[0].filename, "bob.mp4");
+    assert_eq!(
+        info.stream_results
+            .iter()
+            .map(|s| s.url.as_str())
+            .collect::<Vec<_>>(),
+        ["rtmps://live.example.com/app/{sk_...456}"]
+    );
     let listed = StartRequest::from_info_request(info.request.as_ref().unwrap()).unwrap();
     assert_eq!(listed, redact(&sent));
     assert_ne!(listed, sent);

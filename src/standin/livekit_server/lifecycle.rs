@@ -43,7 +43,83 @@ fn source_type(request: &StartRequest) -> proto::EgressSourceType {
     }
 }
 
-/// The pod's `EgressInfo` of a start: STARTING, now, the redacted request.
+/// The results the pod fills in before it answers, one per output of the (redacted) request:
+/// file names and playlist names as given (the pod would also expand their `{room_name}`-style
+/// templates), stream URLs with their keys hidden.
+fn results(info: &mut proto::EgressInfo, request: &StartRequest) {
+    let (files, streams, segments, images): (
+        Vec<&str>,
+        Vec<&proto::StreamOutput>,
+        Vec<&proto::SegmentedFileOutput>,
+        Vec<&proto::ImageOutput>,
+    ) = match request {
+        StartRequest::RoomComposite(r) => (
+            r.file_outputs.iter().map(|f| f.filepath.as_str()).collect(),
+            r.stream_outputs.iter().collect(),
+            r.segment_outputs.iter().collect(),
+            r.image_outputs.iter().collect(),
+        ),
+        StartRequest::Web(r) => (
+            r.file_outputs.iter().map(|f| f.filepath.as_str()).collect(),
+            r.stream_outputs.iter().collect(),
+            r.segment_outputs.iter().collect(),
+            r.image_outputs.iter().collect(),
+        ),
+        StartRequest::Participant(r) => (
+            r.file_outputs.iter().map(|f| f.filepath.as_str()).collect(),
+            r.stream_outputs.iter().collect(),
+            r.segment_outputs.iter().collect(),
+            r.image_outputs.iter().collect(),
+        ),
+        StartRequest::TrackComposite(r) => (
+            r.file_outputs.iter().map(|f| f.filepath.as_str()).collect(),
+            r.stream_outputs.iter().collect(),
+            r.segment_outputs.iter().collect(),
+            r.image_outputs.iter().collect(),
+        ),
+        StartRequest::Track(r) => match &r.output {
+            Some(proto::track_egress_request::Output::File(file)) => (
+                vec![file.filepath.as_str()],
+                Vec::new(),
+                Vec::new(),
+                Vec::new(),
+            ),
+            _ => (Vec::new(), Vec::new(), Vec::new(), Vec::new()),
+        },
+    };
+    info.file_results = files
+        .into_iter()
+        .map(|filename| proto::FileInfo {
+            filename: filename.to_owned(),
+            ..proto::FileInfo::default()
+        })
+        .collect();
+    info.stream_results = streams
+        .into_iter()
+        .flat_map(|stream| stream.urls.iter())
+        .map(|url| proto::StreamInfo {
+            url: url.clone(),
+            ..proto::StreamInfo::default()
+        })
+        .collect();
+    info.segment_results = segments
+        .into_iter()
+        .map(|segments| proto::SegmentsInfo {
+            playlist_name: segments.playlist_name.clone(),
+            live_playlist_name: segments.live_playlist_name.clone(),
+            ..proto::SegmentsInfo::default()
+        })
+        .collect();
+    info.image_results = images
+        .into_iter()
+        .map(|images| proto::ImagesInfo {
+            filename_prefix: images.filename_prefix.clone(),
+            ..proto::ImagesInfo::default()
+        })
+        .collect();
+}
+
+/// The pod's `EgressInfo` of a start: STARTING, now, the redacted request and its results.
 pub(super) fn starting_info(
     request: &StartRequest,
     egress_id: &str,
@@ -57,7 +133,8 @@ pub(super) fn starting_info(
         ),
         None => (String::new(), String::new()),
     };
-    proto::EgressInfo {
+    let redacted = redact(request);
+    let mut info = proto::EgressInfo {
         egress_id: egress_id.to_owned(),
         room_id,
         room_name,
@@ -65,9 +142,11 @@ pub(super) fn starting_info(
         status: Status::EgressStarting as i32,
         started_at: now,
         updated_at: now,
-        request: Some(redact(request).to_info_request()),
+        request: Some(redacted.to_info_request()),
         ..proto::EgressInfo::default()
-    }
+    };
+    results(&mut info, &redacted);
+    info
 }
 
 impl Inner {

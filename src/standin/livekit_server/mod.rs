@@ -22,8 +22,9 @@
 //!   than its pod timeout (10/20/40 s) is retried with the same ID: the same pod answers
 //!   `already_exists`, another pod starts a second copy under that ID.
 //! - **The answer**: `EgressInfo` STARTING, `started_at` = `updated_at` = now (ns),
-//!   `room_id`/`room_name` (empty for web), `source_type`, and the request with credentials
-//!   and stream keys redacted ([`crate::egress_redact::redact`]).
+//!   `room_id`/`room_name` (empty for web), `source_type`, the request with credentials and
+//!   stream keys redacted ([`crate::egress_redact::redact`]) and `*_results` pre-filled from
+//!   its outputs (file names not templated).
 //! - **Statuses**: STARTING -> ACTIVE (`active_after`) -> ENDING -> COMPLETE (`ending_for`,
 //!   the pod's job ends then), FAILED with `error`, ABORTED when stopped while STARTING;
 //!   `egress_updated` on ACTIVE and ENDING, `egress_ended` on the final status. An orphaned
@@ -45,7 +46,7 @@
 //!   ID: there is no idempotency key.
 //!
 //! What it does not follow (yet): the pod's validation of the request (`invalid_argument`
-//! only with capacity), `*_results` and `retry_count` of the answer, LIMIT_REACHED, coalesced
+//! only with capacity), the expansion of file name templates and `retry_count`, LIMIT_REACHED, coalesced
 //! or duplicated `egress_updated`/`egress_ended`, admission by measured CPU and its 15 s
 //! reservation (the stand-in charges the static cost table), pulse and memory limits,
 //! UpdateLayout and UpdateStream, and the 24 h sweep, which tests run with
