@@ -200,11 +200,14 @@ fn twirp_code(error: &EgressApiError) -> (&str, &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_pod_answers_after_launch_and_bid_window_a_busy_pod_after_launch() {
-    // 0.2: launch 200 ms, bid window 100 ms.
-    let timing = StartTiming::scaled(0.2);
+    // 0.3: launch 300 ms, bid window 150 ms.
+    let timing = StartTiming::scaled(0.3);
     let pods = pods(1).await;
     let livekit = livekit(timing, &pods).await;
     let api = api(&livekit, Duration::from_secs(10));
+    // A first call that fails at once opens the connection, so that it is not measured.
+    livekit.fail_next_start("unavailable", "warm-up");
+    assert!(api.start(&request(EgressKind::Track, "r")).await.is_err());
     let started = Instant::now();
     let first = api.start(&request(EgressKind::Track, "r")).await.unwrap();
     let idle = started.elapsed();
