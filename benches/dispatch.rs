@@ -1,4 +1,5 @@
-//! The dispatcher against a livekit-server stand-in that answers at once, with free capacity:
+//! The dispatcher against a livekit-server stand-in that answers at once (its timing scaled to
+//! zero: no launch, no bid window), with free capacity:
 //! the latency from an enqueue to the start call it leads to (p50, p99), and starts per
 //! second, draining a backlog and with enqueues arriving at full speed meanwhile.
 //!
@@ -18,7 +19,9 @@ use egress_scaler::queue::{
     NewRequest, QueueEvent, QueueName, QueueStore, StoreOptions, run_event_listener,
 };
 use egress_scaler::redis_server::RedisServer;
-use egress_scaler::standin::{EgressPodStandIn, LiveKitServerStandIn, LiveKitStandInOptions};
+use egress_scaler::standin::{
+    EgressPodStandIn, LiveKitServerStandIn, LiveKitStandInOptions, StartTiming,
+};
 use egress_scaler::telemetry::DispatchMetrics;
 use prometheus_client::registry::Registry;
 use tokio::sync::broadcast;
@@ -144,6 +147,7 @@ async fn run(samples: usize, backlog: usize) {
         LiveKitStandInOptions {
             settings: settings.clone(),
             any_room_exists: true,
+            timing: StartTiming::scaled(0.0),
             ..LiveKitStandInOptions::default()
         },
         pods.clone(),

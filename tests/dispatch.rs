@@ -23,7 +23,9 @@ use egress_scaler::queue::{
     run_event_listener,
 };
 use egress_scaler::redis_server::RedisServer;
-use egress_scaler::standin::{EgressPodStandIn, LiveKitServerStandIn, LiveKitStandInOptions};
+use egress_scaler::standin::{
+    EgressPodStandIn, LiveKitServerStandIn, LiveKitStandInOptions, StartTiming,
+};
 use egress_scaler::telemetry::DispatchMetrics;
 use livekit_protocol as proto;
 use prometheus_client::registry::Registry;
@@ -98,6 +100,7 @@ impl Default for WorldSetup {
             livekit: LiveKitStandInOptions {
                 no_capacity_delay: Duration::from_millis(50),
                 any_room_exists: true,
+                timing: StartTiming::scaled(0.02),
                 ..LiveKitStandInOptions::default()
             },
         }

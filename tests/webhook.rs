@@ -9,7 +9,9 @@ use egress_scaler::egress_request::StartRequest;
 use egress_scaler::model::EgressKind;
 use egress_scaler::queue::{QueueName, QueueStore, StoreOptions, TicketId, TicketState};
 use egress_scaler::standin::livekit_server::sign_webhook;
-use egress_scaler::standin::{EgressPodStandIn, LiveKitServerStandIn, LiveKitStandInOptions};
+use egress_scaler::standin::{
+    EgressPodStandIn, LiveKitServerStandIn, LiveKitStandInOptions, StartTiming,
+};
 use livekit_api::access_token::{AccessToken, VideoGrants};
 use livekit_protocol as proto;
 use serde_json::{Value, json};
@@ -283,6 +285,7 @@ async fn auto_recorded_rooms_are_started_ended_and_shown_in_status() {
             api_key: KEY.to_owned(),
             api_secret: SECRET.to_owned(),
             no_capacity_delay: Duration::from_millis(200),
+            timing: StartTiming::scaled(0.05),
             ..LiveKitStandInOptions::default()
         },
         pods.to_vec(),

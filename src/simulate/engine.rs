@@ -1,14 +1,23 @@
 //! The discrete-event simulation of one policy on one trace: arrivals, livekit-server placing
 //! jobs on egress pods (DESIGN.md 2.1, the same `choose_pod` as the stand-ins), pods with a
 //! cold start and a graceful drain, the dispatcher, and KEDA and the HPA (DESIGN.md 2.4).
+//!
+//! A start call takes the time the livekit-server stand-in's takes, from the same
+//! [`StartTiming`]: a pod is looked for at each psrpc attempt (at once, then after the retry
+//! waits: the middle of their ranges, so runs stay deterministic), not whenever capacity
+//! frees up; a placed job answers after `launch` on a busy pod and `launch + bid_window` on an
+//! idle one; a call no attempt placed answers 503 at the end of the ladder (22.5 s), or at
+//! the first step past `no_capacity_wait` when that is shorter.
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, VecDeque};
+use std::collections::{BinaryHeap, HashMap, VecDeque};
 
 use crate::model::{
     Demand, EgressKind, FleetSnapshot, Pod, PodLoad, PodState, Settings, choose_pod, decide,
     reported_type,
 };
+
+use crate::standin::StartTiming;
 
 use super::kube::{
     Behavior, Hpa, Keda, KedaAction, KedaState, MetricReading, Millis, PodAge, deletion_order,
@@ -22,8 +31,10 @@ use super::{Policy, SimOptions};
 pub struct StartRecord {
     /// Index of the arrival in the trace.
     pub request: usize,
-    /// When its egress started.
+    /// When its egress started: the start call's answer.
     pub at: Millis,
+    /// When the pod took it (its job counts on the pod from then).
+    pub placed: Millis,
     /// The pod it runs on (index into [`Outcome::pods`]).
     pub pod: usize,
 }
@@ -124,10 +135,17 @@ impl Outcome {
 enum Event {
     // Simultaneous events run in this order: capacity changes before new requests, requests
     // before the periodic loops look at them.
-    JobEnd { pod: usize, request: usize },
+    JobEnd {
+        pod: usize,
+        request: usize,
+    },
     PodReady(usize),
     Arrival(usize),
-    StartDeadline(usize),
+    /// Attempt `number` (0-based, across cycles) of a start call; past the last, its 503.
+    Attempt {
+        request: usize,
+        number: u32,
+    },
     FleetRefresh,
     MetricsScrape,
     KedaPoll,
@@ -213,6 +231,8 @@ struct Sim<'a> {
     queue: VecDeque<usize>,
     /// Start calls waiting inside livekit-server for a pod, in arrival order.
     calling: Vec<usize>,
+    /// When each waiting start call was made.
+    call_began: HashMap<usize, Millis>,
     /// The dispatcher's start call in flight (queued policies make one at a time).
     in_flight: Option<usize>,
     /// The dispatcher's view of the ready pods: the last fleet refresh plus its own starts.
@@ -248,6 +268,7 @@ pub fn run(trace: &Trace, policy: Policy, options: &SimOptions) -> Outcome {
         replicas: 0,
         queue: VecDeque::new(),
         calling: Vec::new(),
+        call_began: HashMap::new(),
         in_flight: None,
         view: Vec::new(),
         fleet: FleetSnapshot::default(),
@@ -360,7 +381,7 @@ impl Sim<'_> {
                     self.place_calls(now);
                 }
             }
-            Event::StartDeadline(request) => self.start_deadline(now, request),
+            Event::Attempt { request, number } => self.attempt(now, request, number),
             Event::FleetRefresh => {
                 self.refresh_view();
                 if self.policy.queued() {
@@ -399,9 +420,7 @@ impl Sim<'_> {
             if self.policy.queued() {
                 self.failed.push(request);
             } else {
-                self.calling.push(request);
-                let deadline = now + self.options.no_capacity_wait;
-                self.at(deadline, Event::StartDeadline(request));
+                self.call_start(now, request);
             }
             return;
         }
@@ -416,18 +435,93 @@ impl Sim<'_> {
         }
     }
 
-    /// A start call reaches livekit-server: placed at once, or it waits for a pod until the
-    /// no-capacity deadline.
+    /// A start call reaches livekit-server: its first attempt now; when no pod takes it, it
+    /// waits for its next attempt.
     fn call_start(&mut self, now: Millis, request: usize) -> bool {
         if self.try_place(now, request) {
             return true;
         }
         self.calling.push(request);
-        let deadline = now + self.options.no_capacity_wait;
-        self.at(deadline, Event::StartDeadline(request));
+        self.call_began.insert(request, now);
+        self.after_failed_attempt(now, request, 0);
         false
     }
 
+    fn timing(&self) -> &StartTiming {
+        &self.options.start_timing
+    }
+
+    /// Attempt `number` found no pod: the next attempt after the attempt timeout and the
+    /// retry wait, or the 503 when the ladder is over or `no_capacity_wait` has passed.
+    fn after_failed_attempt(&mut self, now: Millis, request: usize, number: u32) {
+        let timing = *self.timing();
+        let millis = |d: std::time::Duration| d.as_millis() as Millis;
+        let middle = |(low, high): (std::time::Duration, std::time::Duration)| {
+            (millis(low) + millis(high)) / 2
+        };
+        let attempts = timing.attempts.max(1);
+        let total = attempts * timing.cycles.max(1);
+        let next = number + 1;
+        let wait = match next % attempts {
+            0 => 0,
+            1 => middle(timing.retry_first),
+            _ => middle(timing.retry_second),
+        };
+        let ended = now + millis(timing.attempt_timeout);
+        let began = self.call_began.get(&request).copied().unwrap_or(now);
+        if next >= total {
+            self.at(
+                ended,
+                Event::Attempt {
+                    request,
+                    number: total,
+                },
+            );
+        } else if ended + wait >= began + self.options.no_capacity_wait {
+            // Cut short: the step after the wait answers instead of retrying.
+            self.at(
+                ended + wait,
+                Event::Attempt {
+                    request,
+                    number: total,
+                },
+            );
+        } else {
+            self.at(
+                ended + wait,
+                Event::Attempt {
+                    request,
+                    number: next,
+                },
+            );
+        }
+    }
+
+    fn attempt(&mut self, now: Millis, request: usize, number: u32) {
+        if !self.calling.contains(&request) {
+            return; // placed already
+        }
+        let timing = *self.timing();
+        if number >= timing.attempts.max(1) * timing.cycles.max(1) {
+            self.start_deadline(now, request);
+            return;
+        }
+        if self.try_place(now, request) {
+            self.calling.retain(|&r| r != request);
+            self.call_began.remove(&request);
+            if self.in_flight == Some(request) {
+                self.in_flight = None;
+            }
+            if self.policy.queued() && self.in_flight.is_none() {
+                self.dispatch(now);
+            }
+        } else {
+            self.after_failed_attempt(now, request, number);
+        }
+    }
+
+    /// Places the job on a pod now; the egress starts (the call answers) after the handler
+    /// launch, plus the bid window on an idle pod.
     fn try_place(&mut self, now: Millis, request: usize) -> bool {
         let kind = self.trace.arrivals[request].kind;
         let loads: Vec<PodLoad> = self
@@ -438,30 +532,30 @@ impl Sim<'_> {
         let Some(pod) = choose_pod(&self.settings, &loads, kind) else {
             return false;
         };
+        let timing = *self.timing();
+        let mut latency = timing.launch;
+        if loads[pod].jobs == 0 {
+            latency += timing.bid_window;
+        }
+        let started = now + latency.as_millis() as Millis;
         self.pods[pod].jobs[kind as usize] += 1;
         self.running += 1;
         self.starts.push(StartRecord {
             request,
-            at: now,
+            at: started,
+            placed: now,
             pod,
         });
         let arrival = &self.trace.arrivals[request];
-        self.waits.push(now - arrival.at);
-        let end = now + arrival.duration;
+        self.waits.push(started - arrival.at);
+        let end = started + arrival.duration;
         self.at(end, Event::JobEnd { pod, request });
         true
     }
 
-    /// Capacity changed: start calls waiting inside livekit-server are placed in order.
+    /// Capacity changed: the dispatcher looks again. Start calls waiting inside livekit-server
+    /// are placed only at their next attempt, as psrpc does.
     fn place_calls(&mut self, now: Millis) {
-        let waiting = std::mem::take(&mut self.calling);
-        for request in waiting {
-            if !self.try_place(now, request) {
-                self.calling.push(request);
-            } else if self.in_flight == Some(request) {
-                self.in_flight = None;
-            }
-        }
         if self.policy.queued() && self.in_flight.is_none() {
             self.dispatch(now);
         }
@@ -472,6 +566,7 @@ impl Sim<'_> {
             return; // started in time
         };
         self.calling.remove(position);
+        self.call_began.remove(&request);
         if self.policy.queued() && self.in_flight == Some(request) {
             // `unavailable`: the dispatcher puts the ticket back at the head of the queue.
             self.in_flight = None;
@@ -754,6 +849,7 @@ fn oracle(trace: &Trace, options: &SimOptions) -> Outcome {
         starts.push(StartRecord {
             request,
             at: arrival.at,
+            placed: arrival.at,
             pod,
         });
         ends.push(Reverse((arrival.at + arrival.duration, pod, request)));
@@ -841,21 +937,22 @@ mod tests {
                 start.at >= arrival.at,
                 "{policy}: started before it was asked"
             );
+            assert!(start.placed <= start.at, "{policy}: answered before placed");
             assert!(
-                pod.ready_at <= start.at,
-                "{policy}: started before its pod was ready"
+                pod.ready_at <= start.placed,
+                "{policy}: placed before its pod was ready"
             );
             assert!(
                 pod.terminated
-                    .is_none_or(|terminated| start.at < terminated),
-                "{policy}: started on a draining pod"
+                    .is_none_or(|terminated| start.placed < terminated),
+                "{policy}: placed on a draining pod"
             );
             let end = start.at + arrival.duration;
             assert!(
                 pod.gone.is_none_or(|gone| end <= gone),
                 "{policy}: a pod went away under a recording"
             );
-            per_pod[start.pod].push((start.at, true, arrival.kind));
+            per_pod[start.pod].push((start.placed, true, arrival.kind));
             per_pod[start.pod].push((end, false, arrival.kind));
         }
         for events in &mut per_pod {
@@ -925,15 +1022,17 @@ mod tests {
     #[test]
     fn the_first_recording_waits_one_cold_start() {
         // Push activation at 60 s creates the pod; it is ready at 90 s; the dispatcher sees
-        // it at its next fleet refresh (every 2 s from 0.6 s): 90.6 s.
+        // it at its next fleet refresh (every 2 s from 0.6 s): 90.6 s; the idle pod answers
+        // after the launch and the bid window: 92.1 s.
         let trace = trace(&[(60_000, EgressKind::RoomComposite, 10 * MINUTE)]);
         let options = SimOptions::default();
         let outcome = run(&trace, Policy::EgressScaler, &options);
         assert_eq!(outcome.starts.len(), 1);
-        assert_eq!(outcome.starts[0].at, 90_600);
+        assert_eq!(outcome.starts[0].placed, 90_600);
+        assert_eq!(outcome.starts[0].at, 92_100);
         assert_eq!(outcome.pods.len(), 1);
         assert_eq!(outcome.pods[0].created, 60_000);
-        // The recording ends at 690.6 s. KEDA polls every 15 s from 3 s: the last poll that saw
+        // The recording ends at 692.1 s. KEDA polls every 15 s from 3 s: the last poll that saw
         // the trigger active was at 678 s, and the first poll 120 s after that, at 798 s,
         // scales to zero.
         assert_eq!(options.egress_scaler.keda.cooldown, 120_000);
@@ -963,8 +1062,9 @@ mod tests {
 
     #[test]
     fn without_a_queue_a_start_fails_after_the_no_capacity_wait() {
-        // hpa-cpu's one pod is created at 0 and ready at 30 s. Starts at 1 s wait 20 s for a
-        // pod and fail at 21 s; a start at 40 s finds the pod.
+        // hpa-cpu's one pod is created at 0 and ready at 30 s. Starts at 1 s try at 1, 3.5,
+        // 7.5, 8.5, 11, 15, 16 and 18.5 s; the step after that (22.5 s) is past the 20 s
+        // no-capacity wait: 503. A start at 40 s finds the idle pod and answers 1.5 s later.
         let trace = trace(&[
             (1_000, EgressKind::RoomComposite, MINUTE),
             (1_000, EgressKind::RoomComposite, MINUTE),
@@ -974,7 +1074,43 @@ mod tests {
         let outcome = run(&trace, Policy::HpaCpu, &options);
         assert_eq!(outcome.failed, vec![0, 1]);
         assert_eq!(outcome.starts.len(), 1);
-        assert_eq!(outcome.starts[0].at, 40_000);
+        assert_eq!(outcome.starts[0].at, 41_500);
+        // Capacity arriving between two attempts is taken at the next one: the pod is ready
+        // at 30 s, the attempt of a call made at 12 s comes at 12 + 1 + 1.5 + 1 + 3 = 18.5,
+        // 19.5 (next cycle), 22, 26, 27, 29.5 and 33.5 s.
+        let trace = super::tests::trace(&[(12_000, EgressKind::RoomComposite, MINUTE)]);
+        let options = SimOptions {
+            no_capacity_wait: 60_000,
+            ..SimOptions::default()
+        };
+        let outcome = run(&trace, Policy::HpaCpu, &options);
+        assert!(outcome.failed.is_empty());
+        assert_eq!(outcome.starts[0].placed, 33_500);
+        assert_eq!(outcome.starts[0].at, 35_000);
+    }
+
+    #[test]
+    fn a_start_nobody_takes_answers_503_at_the_end_of_the_ladder() {
+        // Uncut, a call made at 1 s tries at 1, 3.5, 7.5, 8.5, 11, 15, 16, 18.5 and 22.5 s
+        // (3 cycles of 3 one-second attempts, waits 1.5 and 3 s) and answers 503 at 23.5 s,
+        // 22.5 s after it was made: inside livekit-server's 18-27 s.
+        let (low, high) = StartTiming::real().no_bid_answer();
+        assert!(low.as_millis() <= 22_500 && 22_500 <= high.as_millis());
+        let trace = trace(&[(1_000, EgressKind::RoomComposite, MINUTE)]);
+        for (ready_at, placed) in [(22_000, Some(22_500)), (23_000, None)] {
+            let options = SimOptions {
+                cold_start: ready_at,
+                no_capacity_wait: 60_000,
+                ..SimOptions::default()
+            };
+            let outcome = run(&trace, Policy::HpaCpu, &options);
+            assert_eq!(
+                outcome.starts.first().map(|start| start.placed),
+                placed,
+                "pod ready at {ready_at}"
+            );
+            assert_eq!(outcome.failed.len(), usize::from(placed.is_none()));
+        }
     }
 
     #[test]

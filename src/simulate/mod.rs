@@ -1,7 +1,8 @@
 //! `simulate`: scaling policies side by side on the same traffic, in virtual time.
 //!
 //! A discrete-event simulation of egress pods (DESIGN.md 2.1 admission and packing, a cold
-//! start, a graceful drain), livekit-server's no-capacity wait (DESIGN.md 1), and KEDA with
+//! start, a graceful drain), livekit-server's start calls (their launch and bid window, and
+//! the retry ladder without capacity, timed like the stand-in's, DESIGN.md 2.3), and KEDA with
 //! the HPA (DESIGN.md 2.4). The `egress-scaler` policy asks [`crate::model::decide`], the
 //! same function `serve` answers KEDA with, and its dispatcher places jobs with the same
 //! [`crate::model::choose_pod`] rule.
@@ -20,6 +21,7 @@ use std::fmt;
 use std::str::FromStr;
 
 use crate::model::Settings;
+use crate::standin::StartTiming;
 
 use kube::{Behavior, Keda, Millis, RatePolicy, ScalingRules, Select};
 
@@ -144,8 +146,11 @@ pub struct SimOptions {
     pub fleet_refresh: Millis,
     /// Prometheus scrape interval and metrics-server resolution for the anchor policies.
     pub metrics_interval: Millis,
-    /// livekit-server's wait for a pod before it answers 503 (DESIGN.md 1: 18-27 s).
+    /// livekit-server's retry ladder is cut at the first step past this (the ladder itself
+    /// answers 503 at 22.5 s with `start_timing`).
     pub no_capacity_wait: Millis,
+    /// How long a start call takes: [`StartTiming::real`], as the livekit-server stand-in.
+    pub start_timing: StartTiming,
     /// hpa-cpu's target utilization.
     pub cpu_target: f64,
     /// keda-prometheus-available's target of idle pods.
@@ -169,6 +174,7 @@ impl Default for SimOptions {
             fleet_refresh: 2_000,
             metrics_interval: 15_000,
             no_capacity_wait: 20_000,
+            start_timing: StartTiming::real(),
             cpu_target: 0.6,
             available_target: 1,
             egress_scaler: ScaledObjectSettings::shipped(),

@@ -12,5 +12,7 @@ pub mod livekit_server;
 pub mod prometheus_api;
 
 pub use egress_pod::{BodyMode, EgressPodStandIn, StandInSample};
-pub use livekit_server::{LiveKitServerStandIn, LiveKitStandInOptions, StartedEgress};
+pub use livekit_server::{
+    LiveKitServerStandIn, LiveKitStandInOptions, ScriptedStart, StartTiming, StartedEgress,
+};
 pub use prometheus_api::{PrometheusFailure, PrometheusStandIn};
