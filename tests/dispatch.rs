@@ -414,7 +414,7 @@ async fn the_first_to_ask_is_the_first_to_start_under_contention() {
             egress_duration: Some(Duration::from_millis(60)),
             no_capacity_delay: Duration::from_millis(50),
             any_room_exists: true,
-            ..LiveKitStandInOptions::default()
+            ..WorldSetup::default().livekit
         },
         ..WorldSetup::default()
     })
@@ -659,7 +659,7 @@ async fn a_missing_room_is_retried_for_a_while_then_fails_without_holding_others
         livekit: LiveKitStandInOptions {
             any_room_exists: false,
             no_capacity_delay: Duration::from_millis(50),
-            ..LiveKitStandInOptions::default()
+            ..WorldSetup::default().livekit
         },
         ..WorldSetup::default()
     })
@@ -1121,122 +1121,6 @@ async fn crash_trials(
     (trials, tickets_total)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_stand_in_speaks_twirp_json_and_protobuf_and_checks_tokens() {
-    use livekit_api::access_token::{AccessToken, VideoGrants};
-    use prost::Message;
-    let world = World::start(WorldSetup {
-        livekit: LiveKitStandInOptions {
-            any_room_exists: false,
-            ..WorldSetup::default().livekit
-        },
-        ..WorldSetup::default()
-    })
-    .await;
-    world.livekit.create_room("json-room");
-    let options = world.livekit.options().clone();
-    let token = |record: bool, secret: &str| {
-        AccessToken::with_api_key(&options.api_key, secret)
-            .with_grants(VideoGrants {
-                room_record: record,
-                ..Default::default()
-            })
-            .to_jwt()
-            .unwrap()
-    };
-    let client = support::http_client();
-    let url = |method: &str| format!("{}/twirp/livekit.Egress/{method}", world.livekit.url());
-    let post_json = |method: &str, auth: Option<String>, body: serde_json::Value| {
-        let mut request = client
-            .post(url(method))
-            .header("content-type", "application/json")
-            .body(body.to_string());
-        if let Some(auth) = auth {
-            request = request.bearer_auth(auth);
-        }
-        request.send()
-    };
-    let good = token(true, &options.api_secret);
-
-    let started = post_json(
-        "StartRoomCompositeEgress",
-        Some(good.clone()),
-        serde_json::json!({"roomName": "json-room", "layout": "grid"}),
-    )
-    .await
-    .unwrap();
-    assert_eq!(started.status(), 200);
-    let info: serde_json::Value = started.json().await.unwrap();
-    assert!(info["egressId"].as_str().unwrap().starts_with("EG_"));
-    assert_eq!(info["roomName"], "json-room");
-    assert_eq!(info["roomComposite"]["layout"], "grid");
-
-    let listed: serde_json::Value = post_json(
-        "ListEgress",
-        Some(good.clone()),
-        serde_json::json!({"roomName": "json-room", "active": true}),
-    )
-    .await
-    .unwrap()
-    .json()
-    .await
-    .unwrap();
-    assert_eq!(listed["items"].as_array().unwrap().len(), 1);
-
-    // The same call in protobuf.
-    let body = proto::ListEgressRequest {
-        room_name: "json-room".to_owned(),
-        ..Default::default()
-    }
-    .encode_to_vec();
-    let answer = client
-        .post(url("ListEgress"))
-        .bearer_auth(good.clone())
-        .header("content-type", "application/protobuf")
-        .body(body)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(answer.status(), 200);
-    let list = proto::ListEgressResponse::decode(answer.bytes().await.unwrap()).unwrap();
-    assert_eq!(list.items[0].room_name, "json-room");
-
-    for (auth, status, code) in [
-        (None, 401, "unauthenticated"),
-        (
-            Some(token(true, "not-the-secret-not-the-secret-00")),
-            401,
-            "unauthenticated",
-        ),
-        (
-            Some(token(false, &options.api_secret)),
-            403,
-            "permission_denied",
-        ),
-    ] {
-        let answer = post_json("ListEgress", auth, serde_json::json!({}))
-            .await
-            .unwrap();
-        assert_eq!(answer.status(), status);
-        let error: serde_json::Value = answer.json().await.unwrap();
-        assert_eq!(error["code"], code);
-    }
-    let missing = post_json(
-        "StartRoomCompositeEgress",
-        Some(good.clone()),
-        serde_json::json!({"roomName": "no-such-room"}),
-    )
-    .await
-    .unwrap();
-    assert_eq!(missing.status(), 404);
-    let error: serde_json::Value = missing.json().await.unwrap();
-    assert_eq!(error["code"], "not_found");
-    let unknown = post_json("UpdateEverything", Some(good), serde_json::json!({}))
-        .await
-        .unwrap();
-    assert_eq!(unknown.status(), 404);
-}
-
 /// What the test's client makes of one start call, by room (or URL for web egress).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Play {
@@ -1342,6 +1226,16 @@ impl EgressApi for ScriptedApi {
                     },
                     Play::StartedEndedAnswerLost => {
                         self.livekit.end_egress(&info.egress_id);
+                        // ENDING, then COMPLETE once uploaded: over before anyone looks.
+                        let over = || {
+                            self.livekit.egress(&info.egress_id).is_some_and(|egress| {
+                                egress.status == proto::EgressStatus::EgressComplete as i32
+                            })
+                        };
+                        let deadline = Instant::now() + Duration::from_secs(5);
+                        while !over() && Instant::now() < deadline {
+                            tokio::time::sleep(Duration::from_millis(5)).await;
+                        }
                         EgressApiError::Transport("connection reset (injected)".to_owned())
                     }
                     _ => EgressApiError::Transport("connection reset (injected)".to_owned()),
@@ -1405,7 +1299,11 @@ async fn several_starts_are_in_flight_and_a_lost_answer_holds_back_no_other() {
                 .await,
         );
     }
-    let running = Running::spawn(world.dispatcher(&q, api, fast_options(), "d"));
+    let options = DispatchOptions {
+        unreachable_limit: Duration::from_secs(60),
+        ..fast_options()
+    };
+    let running = Running::spawn(world.dispatcher(&q, api, options, "d"));
     // The five others start while the lost answer is still being settled.
     assert!(
         eventually(Duration::from_secs(5), || async {
@@ -1444,7 +1342,7 @@ async fn capacity_is_handed_out_in_order_of_asking() {
             egress_duration: Some(Duration::from_millis(300)),
             no_capacity_delay: Duration::from_millis(50),
             any_room_exists: true,
-            ..LiveKitStandInOptions::default()
+            ..WorldSetup::default().livekit
         },
         ..WorldSetup::default()
     })
@@ -1681,7 +1579,14 @@ async fn a_cancel_while_dispatching_is_kept_and_the_started_egress_stopped() {
         .await
     );
     assert_eq!(world.livekit.started().len(), 1);
-    assert!(world.livekit.active_egress().is_empty(), "stopped");
+    // StopEgress answers ENDING; the egress is over once uploaded.
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            world.livekit.active_egress().is_empty()
+        })
+        .await,
+        "stopped"
+    );
     assert_eq!(outcome(&world, "cancelled"), 1);
 
     running.shutdown().await;

@@ -29,6 +29,8 @@ use sha2::{Digest, Sha256};
 
 /// Fast enough for tests, slow enough to measure: launch 20 ms, bid window 10 ms.
 const FAST: f64 = 0.02;
+/// No bound of the call's own: the client's timeout applies.
+const NO_LIMIT: Duration = Duration::from_secs(3600);
 
 async fn pods(count: usize) -> Vec<EgressPodStandIn> {
     let mut pods = Vec::new();
@@ -207,12 +209,22 @@ async fn an_idle_pod_answers_after_launch_and_bid_window_a_busy_pod_after_launch
     let api = api(&livekit, Duration::from_secs(10));
     // A first call that fails at once opens the connection, so that it is not measured.
     livekit.fail_next_start("unavailable", "warm-up");
-    assert!(api.start(&request(EgressKind::Track, "r")).await.is_err());
+    assert!(
+        api.start(&request(EgressKind::Track, "r"), NO_LIMIT)
+            .await
+            .is_err()
+    );
     let started = Instant::now();
-    let first = api.start(&request(EgressKind::Track, "r")).await.unwrap();
+    let first = api
+        .start(&request(EgressKind::Track, "r"), NO_LIMIT)
+        .await
+        .unwrap();
     let idle = started.elapsed();
     let started = Instant::now();
-    let second = api.start(&request(EgressKind::Track, "r")).await.unwrap();
+    let second = api
+        .start(&request(EgressKind::Track, "r"), NO_LIMIT)
+        .await
+        .unwrap();
     let busy = started.elapsed();
     // Less than the bid window, so that the two cases cannot be mistaken for each other.
     let slack = timing.bid_window - Duration::from_millis(5);
@@ -258,7 +270,7 @@ async fn the_answer_is_starting_with_credentials_and_stream_keys_redacted() {
         .unwrap()
         .as_nanos() as i64;
     let info = api(&livekit, Duration::from_secs(10))
-        .start(&sent)
+        .start(&sent, NO_LIMIT)
         .await
         .unwrap();
     assert_eq!(info.status, Status::EgressStarting as i32);
@@ -294,7 +306,7 @@ async fn the_answer_is_starting_with_credentials_and_stream_keys_redacted() {
     // Web: no room; a video room composite is a WEB source, an audio-only one without a
     // layout an SDK source.
     let web = api(&livekit, Duration::from_secs(10))
-        .start(&request(EgressKind::Web, "ignored"))
+        .start(&request(EgressKind::Web, "ignored"), NO_LIMIT)
         .await;
     assert!(
         web.is_err(),
@@ -308,7 +320,7 @@ async fn the_answer_is_starting_with_credentials_and_stream_keys_redacted() {
         .await
     );
     let web = api(&livekit, Duration::from_secs(10))
-        .start(&request(EgressKind::Web, "ignored"))
+        .start(&request(EgressKind::Web, "ignored"), NO_LIMIT)
         .await
         .unwrap();
     assert_eq!((web.room_name.as_str(), web.room_id.as_str()), ("", ""));
@@ -321,7 +333,10 @@ async fn the_answer_is_starting_with_credentials_and_stream_keys_redacted() {
         .await
     );
     let audio = api(&livekit, Duration::from_secs(10))
-        .start(&request(EgressKind::AudioRoomComposite, "standup"))
+        .start(
+            &request(EgressKind::AudioRoomComposite, "standup"),
+            NO_LIMIT,
+        )
         .await
         .unwrap();
     assert_eq!(audio.source_type, proto::EgressSourceType::Sdk as i32);
@@ -336,7 +351,7 @@ async fn two_starts_on_one_idle_pod_collide_and_the_second_is_retried_with_the_s
     let a = request(EgressKind::RoomComposite, "a");
     let b = request(EgressKind::RoomComposite, "b");
     let started = Instant::now();
-    let (first, second) = tokio::join!(api.start(&a), api.start(&b));
+    let (first, second) = tokio::join!(api.start(&a, NO_LIMIT), api.start(&b, NO_LIMIT));
     let (first, second) = (first.unwrap(), second.unwrap());
     let elapsed = started.elapsed();
     let egress = livekit.started();
@@ -369,7 +384,7 @@ async fn with_one_idle_pod_the_second_of_two_starts_gets_503_after_the_ladder() 
     let a = request(EgressKind::RoomComposite, "a");
     let b = request(EgressKind::RoomComposite, "b");
     let started = Instant::now();
-    let (first, second) = tokio::join!(api.start(&a), api.start(&b));
+    let (first, second) = tokio::join!(api.start(&a, NO_LIMIT), api.start(&b, NO_LIMIT));
     let elapsed = started.elapsed();
     let (ok, failed) = match (first, second) {
         (Ok(info), Err(error)) | (Err(error), Ok(info)) => (info, error),
@@ -427,7 +442,7 @@ async fn a_caller_that_gives_up_stops_the_ladder() {
     let livekit = livekit(timing, &[]).await;
     // The caller goes during the second attempt's wait; capacity comes after it went.
     let error = api(&livekit, Duration::from_millis(50))
-        .start(&request(EgressKind::Track, "r"))
+        .start(&request(EgressKind::Track, "r"), NO_LIMIT)
         .await
         .unwrap_err();
     assert!(matches!(error, EgressApiError::Timeout(_)), "{error:?}");
@@ -441,7 +456,8 @@ async fn a_caller_that_gives_up_stops_the_ladder() {
     // A caller that stays is served by a later attempt once capacity is there.
     let livekit = self::livekit(timing, &[]).await;
     let api = api(&livekit, Duration::from_secs(10));
-    let call = tokio::spawn(async move { api.start(&request(EgressKind::Track, "r")).await });
+    let call =
+        tokio::spawn(async move { api.start(&request(EgressKind::Track, "r"), NO_LIMIT).await });
     assert!(
         eventually(Duration::from_secs(5), || async {
             livekit.start_calls() == 1
@@ -548,7 +564,7 @@ async fn statuses_flow_from_starting_to_complete_with_their_webhooks() {
     .unwrap();
     livekit.create_room("standup");
     let info = api(&livekit, Duration::from_secs(10))
-        .start(&request(EgressKind::RoomComposite, "standup"))
+        .start(&request(EgressKind::RoomComposite, "standup"), NO_LIMIT)
         .await
         .unwrap();
     let id = info.egress_id.clone();
@@ -619,7 +635,7 @@ async fn statuses_flow_from_starting_to_complete_with_their_webhooks() {
 
     // Failures and stops.
     let second = api(&livekit, Duration::from_secs(10))
-        .start(&request(EgressKind::RoomComposite, "standup"))
+        .start(&request(EgressKind::RoomComposite, "standup"), NO_LIMIT)
         .await
         .unwrap();
     assert!(livekit.fail_egress(&second.egress_id, "pipeline crashed"));
@@ -655,7 +671,7 @@ async fn stop_aborts_a_starting_egress_and_ends_an_active_one() {
     let livekit = livekit(timing, &pods).await;
     let api = api(&livekit, Duration::from_secs(10));
     let starting = api
-        .start(&request(EgressKind::RoomComposite, "a"))
+        .start(&request(EgressKind::RoomComposite, "a"), NO_LIMIT)
         .await
         .unwrap();
     let (status, body) = stop(&livekit, &starting.egress_id).await;
@@ -669,7 +685,7 @@ async fn stop_aborts_a_starting_egress_and_ends_an_active_one() {
     let timing = StartTiming::scaled(FAST);
     let livekit = self::livekit(timing, &pods).await;
     let info = self::api(&livekit, Duration::from_secs(10))
-        .start(&request(EgressKind::RoomComposite, "b"))
+        .start(&request(EgressKind::RoomComposite, "b"), NO_LIMIT)
         .await
         .unwrap();
     assert!(
@@ -770,11 +786,11 @@ async fn list_by_id_is_exclusive_and_not_found_once_swept_a_room_never_is() {
     let livekit = livekit(timing, &pods).await;
     let api = api(&livekit, Duration::from_secs(10));
     let a = api
-        .start(&request(EgressKind::RoomComposite, "a"))
+        .start(&request(EgressKind::RoomComposite, "a"), NO_LIMIT)
         .await
         .unwrap();
     let b = api
-        .start(&request(EgressKind::RoomComposite, "b"))
+        .start(&request(EgressKind::RoomComposite, "b"), NO_LIMIT)
         .await
         .unwrap();
     livekit.end_egress(&a.egress_id);
@@ -1033,7 +1049,7 @@ async fn a_missing_room_and_a_passed_caller_deadline_answer_as_livekit_does() {
     .await
     .unwrap();
     let error = api(&livekit, Duration::from_secs(10))
-        .start(&request(EgressKind::RoomComposite, "ghost"))
+        .start(&request(EgressKind::RoomComposite, "ghost"), NO_LIMIT)
         .await
         .unwrap_err();
     assert_eq!(
@@ -1083,14 +1099,15 @@ async fn scripted_answers_that_start_nothing() {
         body: "invalid authorization token".to_owned(),
     });
     livekit.script_start(ScriptedStart::Html { status: 502 });
-    let error = api.start(&track).await.unwrap_err();
+    let error = api.start(&track, NO_LIMIT).await.unwrap_err();
     assert_eq!(
         twirp_code(&error),
         ("invalid_argument", "unsupported output")
     );
-    let error = api.start(&track).await.unwrap_err();
+    let error = api.start(&track, NO_LIMIT).await.unwrap_err();
+    // livekit-server's plain-text 401: certainly not started.
     assert!(
-        matches!(&error, EgressApiError::Transport(text) if text.contains("401")),
+        matches!(&error, EgressApiError::Unauthorized(text) if text.contains("invalid authorization token")),
         "{error:?}"
     );
     let (status, kind, body) = call(
@@ -1107,7 +1124,7 @@ async fn scripted_answers_that_start_nothing() {
     assert_eq!(livekit.started_count(), 0);
     assert_eq!(livekit.start_calls(), 3);
     // The queue is used up: the next start is an ordinary one.
-    api.start(&track).await.unwrap();
+    api.start(&track, NO_LIMIT).await.unwrap();
     assert_eq!(livekit.started_count(), 1);
 }
 
@@ -1118,14 +1135,14 @@ async fn scripted_answers_that_hide_a_started_egress() {
     let track = request(EgressKind::Track, "r");
     livekit.script_start(ScriptedStart::StartedButLost);
     let error = api(&livekit, Duration::from_millis(300))
-        .start(&track)
+        .start(&track, NO_LIMIT)
         .await
         .unwrap_err();
     assert!(matches!(error, EgressApiError::Timeout(_)), "{error:?}");
     assert_eq!(livekit.started_count(), 1, "started all the same");
     livekit.script_start(ScriptedStart::StartedThenHtml { status: 502 });
     let error = api(&livekit, Duration::from_secs(10))
-        .start(&track)
+        .start(&track, NO_LIMIT)
         .await
         .unwrap_err();
     assert!(
@@ -1149,7 +1166,7 @@ async fn a_slow_pod_is_retried_with_the_same_id_and_meets_already_exists() {
     livekit.script_start(ScriptedStart::SlowPod(timing.pod_timeout * 3));
     let started = Instant::now();
     let error = api(&livekit, Duration::from_secs(10))
-        .start(&request(EgressKind::Track, "r"))
+        .start(&request(EgressKind::Track, "r"), NO_LIMIT)
         .await
         .unwrap_err();
     assert_eq!(
@@ -1173,7 +1190,7 @@ async fn a_slow_pod_is_retried_with_the_same_id_and_meets_already_exists() {
     let livekit = self::livekit(timing, &pods).await;
     livekit.script_start(ScriptedStart::SlowPod(timing.pod_timeout * 3));
     let info = api(&livekit, Duration::from_secs(10))
-        .start(&request(EgressKind::RoomComposite, "r"))
+        .start(&request(EgressKind::RoomComposite, "r"), NO_LIMIT)
         .await
         .unwrap();
     let egress = livekit.started();

@@ -12,7 +12,8 @@
 //!    started nothing (`unavailable`, a refused connection, a 401, `not_found`) puts the
 //!    ticket back at its place with a backoff, and is never followed by an adoption; a refusal
 //!    of the request fails it; anything else is of unknown outcome.
-//! 3. **Settling**, per ticket, holding its reservation while the others proceed: `ListEgress`
+//! 3. **Settling**, per ticket, while the others proceed (its reservation is held until a
+//!    fleet refresh after the lost answer shows whether its pod took the job): `ListEgress`
 //!    is asked for an egress that provably is this attempt ([`matching`]: the same request,
 //!    started after the attempt began, recorded for no ticket of any served queue); when none
 //!    shows by `settle_after` after the attempt began, nothing can start any more, and the

@@ -376,7 +376,9 @@ impl<'a, A: EgressApi> Term<'a, A> {
             };
             tracing::info!(queue = %self.d.queue, ticket = %id, "An attempt of unknown outcome is settled.");
             self.fenced.unsettle(&id, &attempt, now_ms()).await?;
-            self.reservations.reserve(id.clone(), ticket.kind);
+            // Its pod, if it started, shows in the next refresh.
+            self.reservations
+                .hold(ticket.kind, std::time::Instant::now());
             self.unsettled.insert(
                 id,
                 Unsettled {
@@ -610,6 +612,10 @@ impl<'a, A: EgressApi> Term<'a, A> {
                 self.fenced
                     .unsettle(&ticket.id, &attempt.id, now_ms())
                     .await?;
+                // Started or not, the next fleet refresh shows it: the reservation is held
+                // until then, not for the whole settling.
+                self.reservations
+                    .started(&ticket.id, std::time::Instant::now());
                 self.unsettled.insert(
                     ticket.id.clone(),
                     Unsettled {

@@ -3,7 +3,8 @@
 //! on `unavailable` and `deadline_exceeded` along the ladder of [`StartTiming`].
 //!
 //! One attempt: every pod that takes jobs and admits the job bids at once (busy: affinity 1,
-//! idle: 0.5). A busy bid wins at once; otherwise the first idle bid wins `bid_window` later;
+//! idle: 0.5). A busy bid wins at once; otherwise an idle bid wins `bid_window` later (which
+//! of equal bids arrives first is random, as on a real network);
 //! with no bid the attempt ends after `attempt_timeout`. The winner re-checks (disabled:
 //! "server is shutting down"; this ID already running there: `already_exists`; admission:
 //! "not enough CPU"), stores the egress and answers after `launch`, or is given up after its
@@ -13,6 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use livekit_protocol as proto;
+use rand::Rng;
 use tokio_util::sync::CancellationToken;
 
 use super::lifecycle::{is_listed_active, starting_info};
@@ -119,11 +121,14 @@ impl Inner {
             }
         }
         let bids = self.bids(call.request.kind());
-        let winner = if let Some(busy) = bids.iter().find(|bid| bid.busy) {
-            busy.node_id.clone()
-        } else if let Some(first) = bids.first() {
+        // Which of equal bids arrives first is down to the network: a random one, so that
+        // concurrent starts spread over the pods and collide only as often as chance has it.
+        let busy: Vec<&Bid> = bids.iter().filter(|bid| bid.busy).collect();
+        let winner = if !busy.is_empty() {
+            self.pick(&busy)
+        } else if !bids.is_empty() {
             tokio::time::sleep(timing.bid_window).await;
-            first.node_id.clone()
+            self.pick(&bids.iter().collect::<Vec<_>>())
         } else {
             tokio::time::sleep(timing.attempt_timeout).await;
             return Err(Refusal::Retry(no_response()));
@@ -140,6 +145,12 @@ impl Inner {
         }
         tokio::time::sleep(answer_after).await;
         Ok(info)
+    }
+
+    /// One of `bids`, at random (the stand-in's seeded generator).
+    fn pick(&self, bids: &[&Bid]) -> String {
+        let index = self.state().rng.random_range(0..bids.len());
+        bids[index].node_id.clone()
     }
 
     /// The pods that bid for a job of `kind` now, in list order.
