@@ -122,6 +122,10 @@ pub struct ServeArgs {
     /// Age after which the fleet snapshot is too old to scale on, seconds [default: 15].
     #[arg(long, env = "EGRESS_SCALER_FLEET_STALE_SECONDS")]
     pub fleet_stale_seconds: Option<f64>,
+    /// How long a discovered egress pod may go without answering a scrape before it counts
+    /// as unknown (counted, no capacity), seconds [default: 30].
+    #[arg(long, env = "EGRESS_SCALER_FLEET_START_GRACE_SECONDS")]
+    pub fleet_start_grace_seconds: Option<f64>,
     /// PEM certificate chain: the gRPC listener serves TLS (re-read when the file changes).
     #[arg(long, value_name = "FILE", env = "EGRESS_SCALER_TLS_CERT")]
     pub tls_cert: Option<PathBuf>,
@@ -510,6 +514,7 @@ struct FileConfig {
     fleet_refresh_seconds: Option<f64>,
     scrape_timeout_seconds: Option<f64>,
     fleet_stale_seconds: Option<f64>,
+    fleet_start_grace_seconds: Option<f64>,
     tls_cert: Option<PathBuf>,
     tls_key: Option<PathBuf>,
     tls_client_ca: Option<PathBuf>,
@@ -661,6 +666,12 @@ impl ServeArgs {
         }
         if let Some(seconds) = self.fleet_stale_seconds.or(file.fleet_stale_seconds) {
             fleet_options.stale_after = positive_seconds("--fleet-stale-seconds", seconds)?;
+        }
+        if let Some(seconds) = self
+            .fleet_start_grace_seconds
+            .or(file.fleet_start_grace_seconds)
+        {
+            fleet_options.start_grace = positive_seconds("--fleet-start-grace-seconds", seconds)?;
         }
         if fleet_options.stale_after < fleet_options.refresh_interval {
             return Err(invalid(

@@ -21,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 use EgressKind::RoomComposite;
 
 const GRACE: Duration = Duration::from_millis(300);
+const START_GRACE: Duration = Duration::from_millis(400);
 
 fn options() -> FleetOptions {
     FleetOptions {
@@ -29,6 +30,7 @@ fn options() -> FleetOptions {
         max_body_bytes: 4 * 1024 * 1024,
         concurrency: 8,
         unknown_grace: GRACE,
+        start_grace: START_GRACE,
         stale_after: Duration::from_secs(5),
     }
 }
@@ -119,7 +121,7 @@ async fn a_busy_and_an_idle_pod_and_one_queued_room_composite_need_two() {
         .iter()
         .find(|pod| pod.address == busy.metrics_url())
         .unwrap();
-    assert_eq!(busy_view.node_id.as_deref(), Some(busy.node_id()));
+    assert_eq!(busy_view.node_id, Some(busy.node_id()));
     assert_eq!(busy_view.active.get("room_composite"), Some(&1));
     assert_eq!(busy_view.can_accept_video, Some(false));
     assert_eq!(busy_view.free_cpu_cores, 0.0);
@@ -133,21 +135,38 @@ async fn a_busy_and_an_idle_pod_and_one_queued_room_composite_need_two() {
 }
 
 #[tokio::test]
-async fn terminating_and_disabled_pods_are_not_counted() {
+async fn terminating_and_clustered_pods_are_not_counted_one_without_livekit_server_is() {
     let draining = EgressPodStandIn::start().await.unwrap();
     draining.set_busy(&[("room_composite", 1)]);
     draining.set_terminating(true);
-    let disabled = EgressPodStandIn::start().await.unwrap();
-    disabled.set_disabled(true);
+    // It says is_disabled 1 while it cannot reach livekit-server, and still records.
+    let cut_off = EgressPodStandIn::start().await.unwrap();
+    cut_off.set_busy(&[("track", 1)]);
+    cut_off.set_livekit_reachable(false);
     let clustered = EgressPodStandIn::start().await.unwrap();
     clustered.set_cluster_id("eu-west");
-    let mut observed = observe(urls(&[&draining, &disabled, &clustered]));
+    let mut observed = observe(urls(&[&draining, &cut_off, &clustered]));
     observed.observer.refresh_once().await;
 
     let view = observed.fleet.view();
     assert_eq!(view.count(PodState::Terminating), 1);
-    assert_eq!(view.count(PodState::Disabled), 2);
+    assert_eq!(view.count(PodState::Disabled), 1);
+    assert_eq!(view.count(PodState::Unknown), 1);
     assert_eq!(view.free_cpu_cores(), 0.0);
+    let cut_off_view = view
+        .pods
+        .iter()
+        .find(|pod| pod.address == cut_off.metrics_url())
+        .unwrap();
+    assert_eq!(cut_off_view.state, PodState::Unknown);
+    assert!(
+        cut_off_view
+            .last_error
+            .as_deref()
+            .unwrap()
+            .contains("cannot reach livekit-server"),
+        "{cut_off_view:?}"
+    );
     let clustered_view = view
         .pods
         .iter()
@@ -160,8 +179,9 @@ async fn terminating_and_disabled_pods_are_not_counted() {
             .unwrap()
             .contains("cluster_id")
     );
-    assert_eq!(desired(&observed.fleet, 0), 0);
-    assert_eq!(desired(&observed.fleet, 1), 1);
+    // The cut-off pod is kept, with no capacity: a queued composite needs a new pod.
+    assert_eq!(desired(&observed.fleet, 0), 1);
+    assert_eq!(desired(&observed.fleet, 1), 2);
 
     // A draining pod that stops answering has finished: it does not come back as unknown.
     draining.go_down().await;
@@ -169,7 +189,13 @@ async fn terminating_and_disabled_pods_are_not_counted() {
     tokio::time::sleep(GRACE + Duration::from_millis(50)).await;
     observed.observer.refresh_once().await;
     assert_eq!(observed.fleet.view().count(PodState::Terminating), 1);
-    assert_eq!(desired(&observed.fleet, 0), 0);
+    assert_eq!(desired(&observed.fleet, 0), 1);
+
+    // livekit-server answers again: a ready pod.
+    cut_off.set_livekit_reachable(true);
+    observed.observer.refresh_once().await;
+    assert_eq!(observed.fleet.view().count(PodState::Ready), 1);
+    assert_eq!(desired(&observed.fleet, 0), 1);
 }
 
 #[tokio::test]
@@ -238,9 +264,9 @@ async fn slow_garbage_and_oversized_answers_fail_with_bounded_reasons() {
 
     let view = observed.fleet.view();
     // The three busy pods keep their last good metrics within the grace; the pod that never
-    // answered with metrics is a starting pod.
+    // answered with metrics is past its start grace (the slow scrape took longer): unknown.
     assert_eq!(view.count(PodState::Ready), 3);
-    assert_eq!(view.count(PodState::Starting), 1);
+    assert_eq!(view.count(PodState::Unknown), 1);
     let error_of = |pod: &EgressPodStandIn| {
         view.pods
             .iter()
@@ -251,7 +277,12 @@ async fn slow_garbage_and_oversized_answers_fail_with_bounded_reasons() {
     assert!(error_of(&slow).contains("timed out"));
     assert!(error_of(&garbage).contains("UTF-8"));
     assert!(error_of(&oversized).contains("larger than"));
-    assert_eq!(desired(&observed.fleet, 0), 3);
+    assert!(
+        error_of(&never_good).starts_with("never answered a scrape in 0.4 s: "),
+        "{}",
+        error_of(&never_good)
+    );
+    assert_eq!(desired(&observed.fleet, 0), 4);
 
     let text = metrics_text(&observed.registry);
     for line in [
@@ -260,14 +291,14 @@ async fn slow_garbage_and_oversized_answers_fail_with_bounded_reasons() {
         "egress_scaler_fleet_scrape_errors_total{reason=\"too_large\"} 1",
         "egress_scaler_fleet_scrape_errors_total{reason=\"status\"} 0",
         "egress_scaler_fleet_pods{state=\"ready\"} 3",
-        "egress_scaler_fleet_pods{state=\"starting\"} 1",
+        "egress_scaler_fleet_pods{state=\"unknown\"} 1",
     ] {
         assert!(text.contains(line), "missing {line:?} in\n{text}");
     }
 }
 
 #[tokio::test]
-async fn a_pod_seen_for_the_first_time_is_capacity() {
+async fn a_pod_seen_for_the_first_time_is_capacity_for_the_start_grace_only() {
     let new_pod = EgressPodStandIn::start().await.unwrap();
     new_pod.go_down().await;
     let mut observed = observe(urls(&[&new_pod]));
@@ -277,14 +308,31 @@ async fn a_pod_seen_for_the_first_time_is_capacity() {
     assert_eq!(desired(&observed.fleet, 1), 1);
     assert_eq!(desired(&observed.fleet, 3), 3);
 
-    // Long past the grace it is still starting, never unknown: it was never seen.
-    tokio::time::sleep(GRACE + Duration::from_millis(50)).await;
+    // Past the failure grace but within the start grace it is still starting.
+    tokio::time::sleep(GRACE + Duration::from_millis(20)).await;
     observed.observer.refresh_once().await;
     assert_eq!(states(&observed.fleet.view()), [PodState::Starting]);
+
+    // A pod that never answers (CrashLoopBackOff, ImagePullBackOff) is unknown after the
+    // start grace: counted, but the queued composite asks for a pod that may work.
+    tokio::time::sleep(START_GRACE - GRACE).await;
+    observed.observer.refresh_once().await;
+    let view = observed.fleet.view();
+    assert_eq!(states(&view), [PodState::Unknown]);
+    assert_eq!(view.pods[0].free_cpu_cores, 0.0);
+    let reason = view.pods[0].last_error.clone().unwrap();
+    assert!(
+        reason.starts_with("never answered a scrape in 0.4 s: connection failed:")
+            && reason.contains("refused"),
+        "{reason}"
+    );
+    assert_eq!(desired(&observed.fleet, 0), 1);
+    assert_eq!(desired(&observed.fleet, 1), 2);
 
     new_pod.come_back().await.unwrap();
     observed.observer.refresh_once().await;
     assert_eq!(states(&observed.fleet.view()), [PodState::Ready]);
+    assert_eq!(observed.fleet.view().pods[0].last_error, None);
     assert_eq!(desired(&observed.fleet, 1), 1);
 }
 
@@ -298,6 +346,8 @@ async fn a_pod_refusing_requests_gets_no_video_composite() {
     };
     let mut pod_settings = settings.clone();
     pod_settings.costs.set(RoomComposite, 6000);
+    // egress answers can_accept_request for a video web job.
+    pod_settings.costs.set(EgressKind::Web, 6000);
     let pod = EgressPodStandIn::start_on(SocketAddr::from(([127, 0, 0, 1], 0)), pod_settings)
         .await
         .unwrap();
@@ -517,7 +567,7 @@ async fn dns_discovery_follows_the_records() {
         view.pods[0].address,
         format!("http://127.0.0.2:{port}/metrics")
     );
-    assert_eq!(view.pods[1].node_id.as_deref(), Some(pods[1].node_id()));
+    assert_eq!(view.pods[1].node_id, Some(pods[1].node_id()));
     assert_eq!(desired(&observed.fleet, 1), 2);
 
     // A new record whose pod does not answer yet: starting, used as capacity.
@@ -584,7 +634,7 @@ async fn dns_discovery_with_the_system_resolver_on_a_loopback_name() {
         .filter(|p| p.state == PodState::Ready)
         .collect();
     assert_eq!(ready.len(), 1, "{:?}", view.pods);
-    assert_eq!(ready[0].node_id.as_deref(), Some(pod.node_id()));
+    assert_eq!(ready[0].node_id, Some(pod.node_id()));
 }
 
 #[tokio::test]
@@ -605,10 +655,10 @@ async fn prometheus_mode_reads_the_pods_from_the_api() {
     });
     observed.observer.refresh_once().await;
     let view = observed.fleet.current().unwrap();
-    let summary: Vec<(&str, PodState, Option<&str>)> = view
+    let summary: Vec<(&str, PodState, Option<String>)> = view
         .pods
         .iter()
-        .map(|pod| (pod.address.as_str(), pod.state, pod.node_id.as_deref()))
+        .map(|pod| (pod.address.as_str(), pod.state, pod.node_id.clone()))
         .collect();
     assert_eq!(
         summary,
