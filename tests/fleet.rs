@@ -13,7 +13,9 @@ use egress_scaler::fleet::{
     SERIES_QUERY, TARGETS_QUERY,
 };
 use egress_scaler::model::{Demand, EgressKind, PodState, Settings, decide};
-use egress_scaler::standin::{BodyMode, EgressPodStandIn, PrometheusFailure, PrometheusStandIn};
+use egress_scaler::standin::{
+    BodyMode, EgressPodOptions, EgressPodStandIn, PrometheusFailure, PrometheusStandIn,
+};
 use futures::future::BoxFuture;
 use prometheus_client::registry::Registry;
 use tokio_util::sync::CancellationToken;
@@ -493,6 +495,8 @@ enum StubAnswer {
     #[default]
     NoRecords,
     Records(Vec<IpAddr>),
+    /// The name does not exist, as `getaddrinfo` says it (glibc's EAI_NONAME text).
+    NxDomain,
     Fail,
     Hang,
 }
@@ -510,6 +514,9 @@ impl Resolver for StubResolver {
             match answer {
                 StubAnswer::NoRecords => Ok(Vec::new()),
                 StubAnswer::Records(ips) => Ok(ips),
+                StubAnswer::NxDomain => Err(io::Error::other(
+                    "failed to lookup address information: Name or service not known",
+                )),
                 StubAnswer::Fail => Err(io::Error::other("SERVFAIL from the stub resolver")),
                 StubAnswer::Hang => futures::future::pending().await,
             }
@@ -616,6 +623,204 @@ async fn dns_discovery_follows_the_records() {
     resolver.set(StubAnswer::NoRecords);
     observed.observer.refresh_once().await;
     assert!(observed.fleet.current().unwrap().pods.is_empty());
+}
+
+#[tokio::test]
+async fn a_name_that_does_not_resolve_is_zero_pods_with_a_warning_said_once() {
+    let (pods, port) = pods_on_one_port(1).await;
+    let resolver = Arc::new(StubResolver::default());
+    resolver.set(StubAnswer::NxDomain);
+    let source = FleetSource::Dns {
+        host: "egress-metrcs.livekit.svc.cluster.local".to_owned(),
+        port,
+    };
+    let mut observed = observe(source);
+    observed.observer = observed.observer.with_resolver(resolver.clone());
+    let logs = LogCapture::install();
+
+    // A mistyped name and a Service with no ready pods look the same: zero pods, a healthy
+    // fleet (scaling from zero works), and a warning that says what to check.
+    for _ in 0..3 {
+        observed.observer.refresh_once().await;
+    }
+    let view = observed
+        .fleet
+        .current()
+        .expect("NXDOMAIN is not a source failure");
+    assert!(view.pods.is_empty());
+    assert_eq!(desired(&observed.fleet, 2), 2);
+    let warning = observed.fleet.warning().expect("a warning");
+    assert!(
+        warning.contains("egress-metrcs.livekit.svc.cluster.local does not resolve")
+            && warning.contains("a mistyped name look the same to DNS")
+            && warning.contains("check"),
+        "{warning}"
+    );
+    assert_eq!(logs.count("Fleet source warning."), 1, "once per change");
+
+    // The name resolves: the warning goes, once.
+    resolver.set(StubAnswer::Records(vec![loopback(2)]));
+    observed.observer.refresh_once().await;
+    observed.observer.refresh_once().await;
+    assert_eq!(observed.fleet.warning(), None);
+    assert_eq!(
+        observed.fleet.view().pods[0].node_id,
+        Some(pods[0].node_id())
+    );
+    assert_eq!(logs.count("Fleet source warning cleared."), 1);
+
+    // Scaled to zero (NXDOMAIN again): zero pods, the warning again, logged a second time.
+    resolver.set(StubAnswer::NxDomain);
+    observed.observer.refresh_once().await;
+    assert!(observed.fleet.current().unwrap().pods.is_empty());
+    assert!(observed.fleet.warning().is_some());
+    assert_eq!(logs.count("Fleet source warning."), 2);
+
+    // A resolver failure stays a failure, not a warning.
+    resolver.set(StubAnswer::Fail);
+    observed.observer.refresh_once().await;
+    assert!(observed.fleet.current().is_err());
+}
+
+/// Collects the log events of the current thread (the tests run on a current-thread runtime).
+struct LogCapture {
+    lines: Arc<Mutex<Vec<String>>>,
+    _guard: tracing::subscriber::DefaultGuard,
+}
+
+impl LogCapture {
+    fn install() -> Self {
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let writer = CaptureWriter(lines.clone());
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .finish();
+        LogCapture {
+            lines,
+            _guard: tracing::subscriber::set_default(subscriber),
+        }
+    }
+
+    /// Lines that contain `message`.
+    fn count(&self, message: &str) -> usize {
+        self.lines
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|line| line.contains(message))
+            .count()
+    }
+}
+
+#[derive(Clone)]
+struct CaptureWriter(Arc<Mutex<Vec<String>>>);
+
+impl io::Write for CaptureWriter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0
+            .lock()
+            .unwrap()
+            .push(String::from_utf8_lossy(buf).into_owned());
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn a_pod_restarted_at_the_same_address_is_a_new_pod_without_the_old_jobs() {
+    let pod = EgressPodStandIn::start().await.unwrap();
+    pod.set_busy(&[("room_composite", 1)]);
+    let mut observed = observe(urls(&[&pod]));
+    observed.observer.refresh_once().await;
+    let first = pod.node_id();
+    assert_eq!(observed.fleet.view().pods[0].node_id, Some(first.clone()));
+    assert_eq!(desired(&observed.fleet, 1), 2);
+
+    // The container crashes and comes back (kubelet restart): a new egress process.
+    pod.restart().await.unwrap();
+    observed.observer.refresh_once().await;
+    let view = observed.fleet.view();
+    assert_eq!(view.pods.len(), 1);
+    assert_ne!(view.pods[0].node_id, Some(first));
+    assert_eq!(view.pods[0].node_id, Some(pod.node_id()));
+    assert_eq!(view.pods[0].state, PodState::Ready);
+    assert!(view.pods[0].active.is_empty(), "the old recording is gone");
+    assert_eq!(desired(&observed.fleet, 1), 1);
+}
+
+#[tokio::test]
+async fn a_pod_after_sigterm_is_out_of_the_count_until_and_after_it_exits() {
+    let pod = EgressPodStandIn::start_with(
+        SocketAddr::from(([127, 0, 0, 1], 0)),
+        EgressPodOptions {
+            drain_poll: Duration::from_millis(20),
+            ..EgressPodOptions::default()
+        },
+    )
+    .await
+    .unwrap();
+    let spare = EgressPodStandIn::start().await.unwrap();
+    pod.set_busy(&[("track", 1)]);
+    let mut observed = observe(urls(&[&pod, &spare]));
+    observed.observer.refresh_once().await;
+    assert_eq!(desired(&observed.fleet, 0), 1);
+
+    let draining = |fleet: &Fleet| {
+        fleet
+            .view()
+            .pods
+            .iter()
+            .find(|view| view.address == pod.metrics_url())
+            .cloned()
+            .unwrap()
+    };
+    pod.sigterm();
+    observed.observer.refresh_once().await;
+    assert_eq!(draining(&observed.fleet).state, PodState::Terminating);
+    assert_eq!(draining(&observed.fleet).active.get("track"), Some(&1));
+    assert_eq!(desired(&observed.fleet, 0), 0);
+    // A queued composite goes on the spare pod, not on the draining one.
+    assert_eq!(desired(&observed.fleet, 1), 1);
+
+    // Drained: it exits, and its failing scrapes keep it out of the count.
+    pod.remove_job("track");
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while !pod.has_exited() {
+        assert!(Instant::now() < deadline, "the drained pod never exited");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    observed.observer.refresh_once().await;
+    tokio::time::sleep(GRACE + Duration::from_millis(50)).await;
+    observed.observer.refresh_once().await;
+    assert_eq!(draining(&observed.fleet).state, PodState::Terminating);
+    assert_eq!(desired(&observed.fleet, 0), 0);
+}
+
+#[tokio::test]
+async fn measured_cpu_above_the_cost_leaves_less_room() {
+    let pod = EgressPodStandIn::start().await.unwrap();
+    pod.set_busy(&[("track", 4)]);
+    let mut observed = observe(urls(&[&pod]));
+    observed.observer.refresh_once().await;
+    let track_composite = |fleet: &Fleet| {
+        let view = fleet.current().unwrap();
+        let demand = Demand::from_counts([(EgressKind::TrackComposite, 1)]);
+        decide(&Settings::default(), &demand, &view.snapshot()).desired
+    };
+    // By cost: 3.2 - 2 >= 1, the track composite fits.
+    assert_eq!(track_composite(&observed.fleet), 1);
+    assert!((observed.fleet.view().pods[0].free_cpu_cores - 1.2).abs() < 1e-9);
+
+    // The four tracks measure 3 cores: as egress admits on that, so does the model.
+    pod.set_cpu_load(Some(0.75));
+    observed.observer.refresh_once().await;
+    assert_eq!(track_composite(&observed.fleet), 2);
+    assert!((observed.fleet.view().pods[0].free_cpu_cores - 0.2).abs() < 1e-9);
+    assert!(!pod.admits(EgressKind::TrackComposite));
 }
 
 #[tokio::test]

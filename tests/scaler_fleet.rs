@@ -183,3 +183,69 @@ async fn a_failing_fleet_source_is_unavailable_not_zero() {
     eventually_desired(&server, 1).await;
     server.stop().await;
 }
+
+#[tokio::test]
+async fn a_pod_that_never_answers_is_unknown_after_the_start_grace_and_asks_for_another() {
+    support::init();
+    let redis = redis();
+    // A listed pod that never serves metrics (CrashLoopBackOff behind the headless Service).
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let url = format!("http://{closed}/metrics");
+    let flags = [
+        "--egress-metrics",
+        &url,
+        "--fleet-refresh-seconds",
+        "0.05",
+        "--fleet-start-grace-seconds",
+        "0.3",
+    ];
+    let server = TestServer::start(config(&redis, &flags, &NoEnvironment)).await;
+    let http = http_client();
+    enqueue(
+        &http,
+        &server,
+        json!({"kind": "room_composite", "room_name": "waits-for-a-real-pod"}),
+    )
+    .await;
+    // The pod that never answered is counted, and the composite asks for a pod that works.
+    eventually_desired(&server, 2).await;
+
+    let status: Value = http
+        .get(server.http("/v1/status"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let fleet = &status["fleet"];
+    assert_eq!(fleet["healthy"], true, "{fleet}");
+    assert_eq!(fleet["pods_by_state"]["unknown"], 1, "{fleet}");
+    assert_eq!(fleet["free_cpu_cores"], 0.0, "{fleet}");
+    let reason = fleet["pods"][0]["last_error"].as_str().unwrap_or_default();
+    assert!(
+        reason.starts_with("never answered a scrape in 0.3 s: connection failed")
+            && reason.contains("refused"),
+        "{fleet}"
+    );
+
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_egress-scaler"))
+        .args([
+            "status",
+            "--server",
+            &format!("http://{}", server.http_addr),
+        ])
+        .env_remove("LIVEKIT_API_KEY")
+        .output()
+        .await
+        .unwrap();
+    let table = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        table.contains("unknown") && table.contains("why: never answered a scrape in 0.3 s"),
+        "{table}"
+    );
+    server.stop().await;
+}
