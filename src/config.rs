@@ -1110,6 +1110,18 @@ mod tests {
     }
 
     #[test]
+    fn the_start_grace_is_a_positive_number_of_seconds() {
+        assert_eq!(
+            resolve(&[], &[]).unwrap().fleet_options.start_grace,
+            Duration::from_secs(30)
+        );
+        let config = resolve(&["--fleet-start-grace-seconds", "90"], &[]).unwrap();
+        assert_eq!(config.fleet_options.start_grace, Duration::from_secs(90));
+        let error = resolve(&["--fleet-start-grace-seconds", "0"], &[]).unwrap_err();
+        assert_eq!(error.setting, "--fleet-start-grace-seconds");
+    }
+
+    #[test]
     fn bad_values_name_their_setting() {
         let cases: [(&[&str], &str); 7] = [
             (&["--cost", "video=4"], "--cost"),

@@ -674,6 +674,12 @@ mod tests {
         );
         assert!(is_no_records(&nxdomain));
         assert!(!is_no_records(&servfail));
+        assert!(is_no_such_name(&nxdomain));
+        assert!(is_no_such_name(&std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            "egress.livekit.svc does not resolve"
+        )));
+        assert!(!is_no_such_name(&servfail));
     }
 
     #[test]
