@@ -1,5 +1,5 @@
-//! The scaler with a live fleet: stand-in egress pods and a stand-in Prometheus on loopback,
-//! the real server, a real Redis.
+//! The scaler with a live fleet: stand-in egress pods, a stand-in or a real Prometheus on
+//! loopback, the real server, a real Redis.
 
 mod support;
 
@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use egress_scaler::scaler::proto::GetMetricsRequest;
 use egress_scaler::standin::{EgressPodStandIn, PrometheusFailure, PrometheusStandIn};
 use serde_json::{Value, json};
+use support::prometheus::{PrometheusServer, Target};
 use support::{NoEnvironment, TestServer, config, enqueue, http_client, redis, scaled_object};
 use tonic::Code;
 
@@ -25,18 +26,7 @@ async fn desired(server: &TestServer) -> Result<i64, tonic::Status> {
 
 /// Polls until the scaler answers `expected` (the fleet refreshes in the background).
 async fn eventually_desired(server: &TestServer, expected: i64) {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let answer = desired(server).await;
-        if matches!(answer, Ok(value) if value == expected) {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "wanted {expected}, last answer {answer:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(30)).await;
-    }
+    eventually_desired_within(server, expected, Duration::from_secs(5)).await;
 }
 
 #[tokio::test]
@@ -248,4 +238,69 @@ async fn a_pod_that_never_answers_is_unknown_after_the_start_grace_and_asks_for_
         "{table}"
     );
     server.stop().await;
+}
+
+#[tokio::test]
+async fn the_scaler_reads_the_fleet_through_a_real_prometheus() {
+    support::init();
+    let redis = redis();
+    let busy = EgressPodStandIn::start().await.unwrap();
+    busy.set_active("room_composite", 1);
+    let idle = EgressPodStandIn::start().await.unwrap();
+    let prometheus = PrometheusServer::start(&[
+        Target::new("egress-0", busy.addr()),
+        Target::new("egress-1", idle.addr()),
+    ])
+    .await;
+    let url = prometheus.url();
+    let flags = ["--prometheus-url", &url, "--fleet-refresh-seconds", "0.2"];
+    let server = TestServer::start(config(&redis, &flags, &NoEnvironment)).await;
+    let http = http_client();
+
+    // Until Prometheus scraped both pods the answer may be lower; then the busy pod is kept.
+    eventually_desired_within(&server, 1, Duration::from_secs(20)).await;
+    enqueue(
+        &http,
+        &server,
+        json!({"kind": "room_composite", "room_name": "through-prometheus"}),
+    )
+    .await;
+    // The queued composite goes on the idle pod: busy + idle used = 2.
+    eventually_desired_within(&server, 2, Duration::from_secs(20)).await;
+    let status: Value = http
+        .get(server.http("/v1/status"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let pods = status["fleet"]["pods"].as_array().unwrap();
+    assert!(
+        pods.iter()
+            .any(|pod| pod["address"] == "egress-0" && pod["active"]["room_composite"] == 1),
+        "{status}"
+    );
+    assert!(
+        pods.iter()
+            .any(|pod| pod["address"] == "egress-1" && pod["state"] == "ready"),
+        "{status}"
+    );
+    server.stop().await;
+}
+
+/// Polls until the scaler answers `expected`, at most `limit`.
+async fn eventually_desired_within(server: &TestServer, expected: i64, limit: Duration) {
+    let deadline = Instant::now() + limit;
+    loop {
+        let answer = desired(server).await;
+        if matches!(answer, Ok(value) if value == expected) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "wanted {expected}, last answer {answer:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
