@@ -13,9 +13,8 @@ use egress_scaler::fleet::{
     SERIES_QUERY, TARGETS_QUERY,
 };
 use egress_scaler::model::{Demand, EgressKind, PodState, Settings, decide};
-use egress_scaler::standin::{
-    BodyMode, EgressPodOptions, EgressPodStandIn, PrometheusFailure, PrometheusStandIn,
-};
+use egress_scaler::standin::egress_pod::EgressPodOptions;
+use egress_scaler::standin::{BodyMode, EgressPodStandIn, PrometheusFailure, PrometheusStandIn};
 use futures::future::BoxFuture;
 use prometheus_client::registry::Registry;
 use tokio_util::sync::CancellationToken;
@@ -123,7 +122,7 @@ async fn a_busy_and_an_idle_pod_and_one_queued_room_composite_need_two() {
         .iter()
         .find(|pod| pod.address == busy.metrics_url())
         .unwrap();
-    assert_eq!(busy_view.node_id, Some(busy.node_id()));
+    assert_eq!(busy_view.node_id.as_deref(), Some(busy.node_id()));
     assert_eq!(busy_view.active.get("room_composite"), Some(&1));
     assert_eq!(busy_view.can_accept_video, Some(false));
     assert_eq!(busy_view.free_cpu_cores, 0.0);
@@ -574,7 +573,7 @@ async fn dns_discovery_follows_the_records() {
         view.pods[0].address,
         format!("http://127.0.0.2:{port}/metrics")
     );
-    assert_eq!(view.pods[1].node_id, Some(pods[1].node_id()));
+    assert_eq!(view.pods[1].node_id.as_deref(), Some(pods[1].node_id()));
     assert_eq!(desired(&observed.fleet, 1), 2);
 
     // A new record whose pod does not answer yet: starting, used as capacity.
@@ -664,7 +663,7 @@ async fn a_name_that_does_not_resolve_is_zero_pods_with_a_warning_said_once() {
     observed.observer.refresh_once().await;
     assert_eq!(observed.fleet.warning(), None);
     assert_eq!(
-        observed.fleet.view().pods[0].node_id,
+        observed.fleet.view().pods[0].node_id.as_deref(),
         Some(pods[0].node_id())
     );
     assert_eq!(logs.count("Fleet source warning cleared."), 1);
@@ -737,7 +736,10 @@ async fn a_pod_restarted_at_the_same_address_is_a_new_pod_without_the_old_jobs()
     let mut observed = observe(urls(&[&pod]));
     observed.observer.refresh_once().await;
     let first = pod.node_id();
-    assert_eq!(observed.fleet.view().pods[0].node_id, Some(first.clone()));
+    assert_eq!(
+        observed.fleet.view().pods[0].node_id.as_deref(),
+        Some(first)
+    );
     assert_eq!(desired(&observed.fleet, 1), 2);
 
     // The container crashes and comes back (kubelet restart): a new egress process.
@@ -745,8 +747,8 @@ async fn a_pod_restarted_at_the_same_address_is_a_new_pod_without_the_old_jobs()
     observed.observer.refresh_once().await;
     let view = observed.fleet.view();
     assert_eq!(view.pods.len(), 1);
-    assert_ne!(view.pods[0].node_id, Some(first));
-    assert_eq!(view.pods[0].node_id, Some(pod.node_id()));
+    assert_ne!(view.pods[0].node_id.as_deref(), Some(first));
+    assert_eq!(view.pods[0].node_id.as_deref(), Some(pod.node_id()));
     assert_eq!(view.pods[0].state, PodState::Ready);
     assert!(view.pods[0].active.is_empty(), "the old recording is gone");
     assert_eq!(desired(&observed.fleet, 1), 1);
@@ -839,7 +841,7 @@ async fn dns_discovery_with_the_system_resolver_on_a_loopback_name() {
         .filter(|p| p.state == PodState::Ready)
         .collect();
     assert_eq!(ready.len(), 1, "{:?}", view.pods);
-    assert_eq!(ready[0].node_id, Some(pod.node_id()));
+    assert_eq!(ready[0].node_id.as_deref(), Some(pod.node_id()));
 }
 
 #[tokio::test]
@@ -860,10 +862,10 @@ async fn prometheus_mode_reads_the_pods_from_the_api() {
     });
     observed.observer.refresh_once().await;
     let view = observed.fleet.current().unwrap();
-    let summary: Vec<(&str, PodState, Option<String>)> = view
+    let summary: Vec<(&str, PodState, Option<&str>)> = view
         .pods
         .iter()
-        .map(|pod| (pod.address.as_str(), pod.state, pod.node_id.clone()))
+        .map(|pod| (pod.address.as_str(), pod.state, pod.node_id.as_deref()))
         .collect();
     assert_eq!(
         summary,

@@ -11,7 +11,8 @@ use egress_scaler::fleet::{
     Fleet, FleetMetrics, FleetObserver, FleetOptions, FleetSource, PodView,
 };
 use egress_scaler::model::{Demand, EgressKind, PodState, Settings, decide};
-use egress_scaler::standin::{EgressPodOptions, EgressPodStandIn};
+use egress_scaler::standin::EgressPodStandIn;
+use egress_scaler::standin::egress_pod::EgressPodOptions;
 use prometheus_client::registry::Registry;
 use support::prometheus::{PrometheusServer, Target};
 
@@ -114,7 +115,7 @@ async fn a_real_prometheus_shows_ready_busy_terminating_restarted_and_deleted_po
     .await;
     let view = fleet.view();
     let b = pod(&view.pods, "egress-b").unwrap();
-    assert_eq!(b.node_id, Some(busy.node_id()));
+    assert_eq!(b.node_id.as_deref(), Some(busy.node_id()));
     assert_eq!(b.active.get("room_composite"), Some(&1));
     assert_eq!(b.free_cpu_cores, 0.0);
     let a = pod(&view.pods, "egress-a").unwrap();
@@ -195,9 +196,7 @@ async fn a_real_prometheus_shows_ready_busy_terminating_restarted_and_deleted_po
         "the restarted pod",
         |pods| {
             let d: Vec<&PodView> = pods.iter().filter(|p| p.address == "egress-d").collect();
-            d.len() == 1
-                && d[0].node_id.as_deref() == Some(after.as_str())
-                && d[0].state == PodState::Ready
+            d.len() == 1 && d[0].node_id.as_deref() == Some(after) && d[0].state == PodState::Ready
         },
     )
     .await;

@@ -257,8 +257,37 @@ async fn the_scaler_reads_the_fleet_through_a_real_prometheus() {
     let server = TestServer::start(config(&redis, &flags, &NoEnvironment)).await;
     let http = http_client();
 
-    // Until Prometheus scraped both pods the answer may be lower; then the busy pod is kept.
-    eventually_desired_within(&server, 1, Duration::from_secs(20)).await;
+    // Once Prometheus scraped both pods (each target within its first seconds), the busy pod
+    // is kept and the idle one is spare.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let status: Value = http
+            .get(server.http("/v1/status"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let pods = status["fleet"]["pods"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        let busy_seen = pods.iter().any(|pod| {
+            pod["address"] == "egress-0"
+                && pod["state"] == "ready"
+                && pod["active"]["room_composite"] == 1
+        });
+        let idle_seen = pods
+            .iter()
+            .any(|pod| pod["address"] == "egress-1" && pod["state"] == "ready");
+        if busy_seen && idle_seen {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{status}\n{}", prometheus.log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eventually_desired(&server, 1).await;
     enqueue(
         &http,
         &server,
@@ -266,26 +295,11 @@ async fn the_scaler_reads_the_fleet_through_a_real_prometheus() {
     )
     .await;
     // The queued composite goes on the idle pod: busy + idle used = 2.
-    eventually_desired_within(&server, 2, Duration::from_secs(20)).await;
-    let status: Value = http
-        .get(server.http("/v1/status"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let pods = status["fleet"]["pods"].as_array().unwrap();
-    assert!(
-        pods.iter()
-            .any(|pod| pod["address"] == "egress-0" && pod["active"]["room_composite"] == 1),
-        "{status}"
-    );
-    assert!(
-        pods.iter()
-            .any(|pod| pod["address"] == "egress-1" && pod["state"] == "ready"),
-        "{status}"
-    );
+    eventually_desired(&server, 2).await;
+    // The idle pod gets busy too (Prometheus sees it a scrape later): the composite needs a
+    // new pod.
+    idle.set_active("track", 1);
+    eventually_desired_within(&server, 3, Duration::from_secs(20)).await;
     server.stop().await;
 }
 

@@ -259,7 +259,7 @@ impl EgressDeployment {
                 pod,
                 instance,
                 since,
-            } if livekit.remove_idle_pod(&pod.node_id()) => {
+            } if livekit.remove_idle_pod(pod.node_id()) => {
                 prometheus.remove_target(instance);
                 // Pods idle when signalled were announced with the SIGTERM.
                 if *since < now {

@@ -106,7 +106,7 @@ struct Job {
 #[derive(Debug, Clone)]
 struct Behaviour {
     /// This process's `node_id`: a new one on every start, as `NE_...` in egress.
-    node_id: String,
+    node_id: &'static str,
     jobs: Vec<Job>,
     /// Types that ran a job since the process started: their series stay, with 0, like a Go
     /// gauge vector; the others have no series at all.
@@ -127,7 +127,7 @@ struct Behaviour {
 }
 
 impl Behaviour {
-    fn new(node_id: String) -> Self {
+    fn new(node_id: &'static str) -> Self {
         Behaviour {
             node_id,
             jobs: Vec::new(),
@@ -281,12 +281,16 @@ pub struct EgressPodStandIn {
 
 static NEXT_NODE: AtomicU64 = AtomicU64::new(1);
 
-fn new_node_id(port: u16) -> String {
-    format!(
+/// A fresh `node_id`. It is kept for the life of the process (a few bytes per start of a
+/// stand-in), so that [`EgressPodStandIn::node_id`] hands out a plain `&str` that stays
+/// valid across restarts, as callers that match jobs to pods expect.
+fn new_node_id(port: u16) -> &'static str {
+    let id = format!(
         "NE_standin{:04}_{}",
         NEXT_NODE.fetch_add(1, Ordering::Relaxed),
         port
-    )
+    );
+    Box::leak(id.into_boxed_str())
 }
 
 impl EgressPodStandIn {
@@ -343,8 +347,8 @@ impl EgressPodStandIn {
     }
 
     /// Its current `node_id` label (a new one after each restart).
-    pub fn node_id(&self) -> String {
-        self.inner.shared.behaviour().node_id.clone()
+    pub fn node_id(&self) -> &str {
+        self.inner.shared.behaviour().node_id
     }
 
     /// Requests answered so far (any mode).
@@ -685,7 +689,7 @@ fn samples(options: &EgressPodOptions, b: &Behaviour) -> Vec<StandInSample> {
     let base = || {
         vec![
             ("cluster_id", b.cluster_id.clone()),
-            ("node_id", b.node_id.clone()),
+            ("node_id", b.node_id.to_owned()),
         ]
     };
     let mut out = vec![
@@ -924,7 +928,7 @@ mod tests {
         let idle = parse_pod_metrics(pod.metrics_text().as_bytes()).unwrap();
         assert_eq!(idle.available, Some(true));
         assert_eq!(idle.can_accept_request, Some(true));
-        assert_eq!(idle.node_id, Some(pod.node_id()));
+        assert_eq!(idle.node_id.as_deref(), Some(pod.node_id()));
         assert!(
             !pod.metrics_text().contains(REQUESTS),
             "no requests series before the first job"
@@ -1077,7 +1081,7 @@ mod tests {
             !pod.metrics_text().contains(REQUESTS),
             "a new process: no series yet"
         );
-        assert!(scrape(&pod).await.contains(&pod.node_id()));
+        assert!(scrape(&pod).await.contains(pod.node_id()));
 
         // A crash loses the jobs; coming back after it is a restart too.
         pod.add_job("track");

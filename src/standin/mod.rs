@@ -11,6 +11,6 @@ pub mod egress_pod;
 pub mod livekit_server;
 pub mod prometheus_api;
 
-pub use egress_pod::{BodyMode, EgressPodOptions, EgressPodStandIn, StandInSample};
+pub use egress_pod::{BodyMode, EgressPodStandIn, StandInSample};
 pub use livekit_server::{LiveKitServerStandIn, LiveKitStandInOptions, StartedEgress};
 pub use prometheus_api::{PrometheusFailure, PrometheusStandIn};
