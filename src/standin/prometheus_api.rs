@@ -7,8 +7,8 @@
 //! (`instance`, `job`, `pod`), and can be switched to a failing scrape (its series go stale,
 //! `up` is 0) or removed (the pod was deleted: no series, no `up`). A target whose stand-in pod
 //! does not listen (down, exited, crashed) fails its scrape as well. Unlike a real Prometheus
-//! it shows the pods as they are at the query, with no scrape interval to lag by (the test
-//! helper in `tests/support/prometheus.rs` runs the real server).
+//! it shows the pods as they are at the query, with no scrape interval to lag by (the tests in
+//! `tests/fleet_prometheus.rs` run the real server, from `tests/support/prometheus.rs`).
 
 use std::collections::HashMap;
 use std::io;
