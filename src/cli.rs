@@ -321,6 +321,9 @@ pub fn render_status(status: &StatusAnswer) -> String {
         fleet.snapshot_age_seconds,
         health
     );
+    if let Some(warning) = &fleet.warning {
+        let _ = writeln!(out, "  warning: {warning}");
+    }
     if !fleet.pods.is_empty() {
         let _ = writeln!(
             out,
@@ -351,6 +354,10 @@ pub fn render_status(status: &StatusAnswer) -> String {
                 wait_text(pod["last_scrape_age_seconds"].as_f64()),
                 active
             );
+            // Why a pod is not plain capacity (unknown, disabled) or why its scrapes fail.
+            if let Some(reason) = pod["last_error"].as_str() {
+                let _ = writeln!(out, "{:<40} why: {reason}", "");
+            }
         }
     }
     out
@@ -407,5 +414,29 @@ mod tests {
         );
         assert!(table.contains("fence 7"), "{table}");
         assert!(table.contains("invalid_argument: no url"), "{table}");
+    }
+
+    #[test]
+    fn status_table_shows_the_fleet_warning_and_why_a_pod_is_unknown() {
+        let status: StatusAnswer = serde_json::from_value(json!({
+            "queues": [],
+            "fleet": {"healthy": true, "error": null, "snapshot_age_seconds": 0.5,
+                      "warning": "dns: egress-metrcs.livekit.svc does not resolve (NXDOMAIN)",
+                      "pods_by_state": {"unknown": 1}, "free_cpu_cores": 0.0,
+                      "pods": [{"address": "http://10.0.0.7:9090/metrics", "node_id": null,
+                                "state": "unknown", "active": {}, "free_cpu_cores": 0.0,
+                                "last_scrape_age_seconds": null,
+                                "last_error": "never answered a scrape in 30 s: connection failed: Connection refused (os error 111)"}]}
+        }))
+        .unwrap();
+        let table = render_status(&status);
+        assert!(
+            table.contains("  warning: dns: egress-metrcs.livekit.svc does not resolve"),
+            "{table}"
+        );
+        assert!(
+            table.contains("why: never answered a scrape in 30 s: connection failed"),
+            "{table}"
+        );
     }
 }

@@ -123,6 +123,10 @@ pub struct ServeArgs {
     /// Age after which the fleet snapshot is too old to scale on, seconds [default: 15].
     #[arg(long, env = "EGRESS_SCALER_FLEET_STALE_SECONDS")]
     pub fleet_stale_seconds: Option<f64>,
+    /// How long a discovered egress pod may go without answering a scrape before it counts
+    /// as unknown (counted, no capacity), seconds [default: 30].
+    #[arg(long, env = "EGRESS_SCALER_FLEET_START_GRACE_SECONDS")]
+    pub fleet_start_grace_seconds: Option<f64>,
     /// PEM certificate chain: the gRPC listener serves TLS (re-read when the file changes).
     #[arg(long, value_name = "FILE", env = "EGRESS_SCALER_TLS_CERT")]
     pub tls_cert: Option<PathBuf>,
@@ -514,6 +518,7 @@ struct FileConfig {
     fleet_refresh_seconds: Option<f64>,
     scrape_timeout_seconds: Option<f64>,
     fleet_stale_seconds: Option<f64>,
+    fleet_start_grace_seconds: Option<f64>,
     tls_cert: Option<PathBuf>,
     tls_key: Option<PathBuf>,
     tls_client_ca: Option<PathBuf>,
@@ -682,6 +687,12 @@ impl ServeArgs {
         }
         if let Some(seconds) = self.fleet_stale_seconds.or(file.fleet_stale_seconds) {
             fleet_options.stale_after = positive_seconds("--fleet-stale-seconds", seconds)?;
+        }
+        if let Some(seconds) = self
+            .fleet_start_grace_seconds
+            .or(file.fleet_start_grace_seconds)
+        {
+            fleet_options.start_grace = positive_seconds("--fleet-start-grace-seconds", seconds)?;
         }
         if fleet_options.stale_after < fleet_options.refresh_interval {
             return Err(invalid(
@@ -1138,6 +1149,18 @@ mod tests {
         assert_eq!(config.settings.warm_pool, 2);
         assert_eq!(config.settings.pod_cpu, 8000);
         assert_eq!(config.redis_url, "redis://10.0.0.1:6380");
+    }
+
+    #[test]
+    fn the_start_grace_is_a_positive_number_of_seconds() {
+        assert_eq!(
+            resolve(&[], &[]).unwrap().fleet_options.start_grace,
+            Duration::from_secs(30)
+        );
+        let config = resolve(&["--fleet-start-grace-seconds", "90"], &[]).unwrap();
+        assert_eq!(config.fleet_options.start_grace, Duration::from_secs(90));
+        let error = resolve(&["--fleet-start-grace-seconds", "0"], &[]).unwrap_err();
+        assert_eq!(error.setting, "--fleet-start-grace-seconds");
     }
 
     #[test]

@@ -532,6 +532,10 @@ pub struct FleetStatus {
     pub healthy: bool,
     /// Why it is not healthy.
     pub error: Option<String>,
+    /// What an operator should look at although the fleet is trusted (a DNS name that does
+    /// not resolve).
+    #[serde(default)]
+    pub warning: Option<String>,
     /// Age of the snapshot.
     pub snapshot_age_seconds: f64,
     /// Pods by state.
@@ -588,6 +592,7 @@ fn fleet_status(fleet: &Fleet) -> (FleetStatus, Option<Arc<FleetView>>) {
     let status = FleetStatus {
         healthy: error.is_none(),
         error: error.clone(),
+        warning: fleet.warning(),
         snapshot_age_seconds: view.age().as_secs_f64(),
         pods_by_state,
         free_cpu_cores: view.free_cpu_cores(),

@@ -213,11 +213,13 @@ pub enum PodState {
     Ready,
     /// Discovered but never scraped: it will be an idle pod.
     Starting,
-    /// Scraped before, failing now beyond the grace: counted, but no free capacity.
+    /// Counted, but no free capacity: its metrics fail beyond the grace, it never answered
+    /// within the start grace, or it says it cannot reach livekit-server (`is_disabled`).
     Unknown,
     /// Draining after SIGTERM: neither capacity nor part of the desired count.
     Terminating,
-    /// Disabled by its config: neither capacity nor part of the desired count.
+    /// Never given a job (a `cluster_id` is set): neither capacity nor part of the desired
+    /// count.
     Disabled,
 }
 
@@ -254,6 +256,8 @@ pub struct Pod {
     pub active: BTreeMap<String, u64>,
     /// `livekit_egress_can_accept_request`, when the pod reports it.
     pub can_accept_video: Option<bool>,
+    /// `livekit_node_cpu_load` (0..1), when the pod reports it: its measured CPU.
+    pub cpu_load: Option<f64>,
 }
 
 impl Pod {
@@ -264,7 +268,14 @@ impl Pod {
             state,
             active: BTreeMap::new(),
             can_accept_video: None,
+            cpu_load: None,
         }
+    }
+
+    /// Sets the measured CPU load, 0..1 (builder style, for tests and stand-ins).
+    pub fn with_cpu_load(mut self, load: f64) -> Self {
+        self.cpu_load = Some(load);
+        self
     }
 
     /// Adds `count` active egress of a reported type (builder style, for tests and stand-ins).
@@ -284,6 +295,26 @@ impl Pod {
             .iter()
             .map(|(reported, count)| costs.cost_of_reported_type(reported) * count)
             .sum()
+    }
+
+    /// CPU its running jobs use as far as the pod's admission can count it: their cost, or
+    /// the measured CPU (`livekit_node_cpu_load x C`) when that is larger. egress admits on
+    /// the larger of a job's reservation and its measured CPU, and the reservation lapses
+    /// after 15 s (FIDELITY.md 4): a pod whose jobs measure above their cost takes less than
+    /// the cost arithmetic says. One that measures below takes more than it says, which is
+    /// left unused here (the safe side: at worst a pod too many). An idle pod's load is never
+    /// counted, as egress admits on its whole CPU then.
+    pub fn used_cpu_measured(&self, settings: &Settings) -> Millicores {
+        let cost = self.used_cpu(&settings.costs);
+        if self.active_total() == 0 {
+            return cost;
+        }
+        match self.cpu_load.filter(|load| load.is_finite()) {
+            Some(load) => {
+                cost.max((load.clamp(0.0, 1.0) * settings.pod_cpu as f64).round() as Millicores)
+            }
+            None => cost,
+        }
     }
 }
 
@@ -434,7 +465,7 @@ pub fn decide(settings: &Settings, demand: &Demand, fleet: &FleetSnapshot) -> De
             PodState::Terminating | PodState::Disabled => draining_pods += 1,
             PodState::Unknown => unknown_pods += 1,
             PodState::Ready if pod.active_total() > 0 => busy.push(Slots {
-                free: capacity - pod.used_cpu(&settings.costs) as i64,
+                free: capacity - pod.used_cpu_measured(settings) as i64,
                 count: 1,
                 video_ok,
                 new: false,
@@ -630,13 +661,22 @@ pub struct PodLoad {
 }
 
 impl PodLoad {
-    /// The load of a pod as observed.
+    /// The load of a pod as observed, by the cost arithmetic alone.
     pub fn of(pod: &Pod, costs: &CostTable) -> Self {
         PodLoad {
             ready: pod.state == PodState::Ready,
             jobs: pod.active_total(),
             used: pod.used_cpu(costs),
             video_ok: pod.can_accept_video != Some(false),
+        }
+    }
+
+    /// The load of a pod as observed, its measured CPU counted as the pod's admission counts
+    /// it ([`Pod::used_cpu_measured`]).
+    pub fn observed(pod: &Pod, settings: &Settings) -> Self {
+        PodLoad {
+            used: pod.used_cpu_measured(settings),
+            ..PodLoad::of(pod, &settings.costs)
         }
     }
 
@@ -727,6 +767,35 @@ mod tests {
     }
 
     use EgressKind::*;
+
+    #[test]
+    fn measured_cpu_above_the_cost_counts_as_the_pod_admission_counts_it() {
+        let settings = Settings::default();
+        // Four tracks cost 2 cores but measure 3.0: a track composite (1) no longer fits.
+        let hot = Pod::new("hot", PodState::Ready)
+            .with_active("track", 4)
+            .with_cpu_load(0.75);
+        assert_eq!(hot.used_cpu(&settings.costs), 2000);
+        assert_eq!(hot.used_cpu_measured(&settings), 3000);
+        let fleet = FleetSnapshot { pods: vec![hot] };
+        let one = demand(&[(TrackComposite, 1)]);
+        assert_eq!(decide(&settings, &one, &fleet).new_pods, 1);
+        let load = PodLoad::observed(&fleet.pods[0], &settings);
+        assert!(!load.admits(&settings, TrackComposite));
+        assert!(PodLoad::of(&fleet.pods[0], &settings.costs).admits(&settings, TrackComposite));
+
+        // Measured below the cost: the cost stands (the safe side).
+        let cool = Pod::new("cool", PodState::Ready)
+            .with_active("track", 4)
+            .with_cpu_load(0.1);
+        assert_eq!(cool.used_cpu_measured(&settings), 2000);
+        let fleet = FleetSnapshot { pods: vec![cool] };
+        assert_eq!(decide(&settings, &one, &fleet).new_pods, 0);
+
+        // An idle pod's load is not counted: egress admits on its whole CPU then.
+        let idle = Pod::new("idle", PodState::Ready).with_cpu_load(0.9);
+        assert_eq!(idle.used_cpu_measured(&settings), 0);
+    }
 
     #[test]
     fn admission_follows_design_2_1() {

@@ -13,6 +13,7 @@ use egress_scaler::fleet::{
     SERIES_QUERY, TARGETS_QUERY,
 };
 use egress_scaler::model::{Demand, EgressKind, PodState, Settings, decide};
+use egress_scaler::standin::egress_pod::EgressPodOptions;
 use egress_scaler::standin::{BodyMode, EgressPodStandIn, PrometheusFailure, PrometheusStandIn};
 use futures::future::BoxFuture;
 use prometheus_client::registry::Registry;
@@ -21,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 use EgressKind::RoomComposite;
 
 const GRACE: Duration = Duration::from_millis(300);
+const START_GRACE: Duration = Duration::from_millis(400);
 
 fn options() -> FleetOptions {
     FleetOptions {
@@ -29,6 +31,7 @@ fn options() -> FleetOptions {
         max_body_bytes: 4 * 1024 * 1024,
         concurrency: 8,
         unknown_grace: GRACE,
+        start_grace: START_GRACE,
         stale_after: Duration::from_secs(5),
     }
 }
@@ -133,21 +136,38 @@ async fn a_busy_and_an_idle_pod_and_one_queued_room_composite_need_two() {
 }
 
 #[tokio::test]
-async fn terminating_and_disabled_pods_are_not_counted() {
+async fn terminating_and_clustered_pods_are_not_counted_one_without_livekit_server_is() {
     let draining = EgressPodStandIn::start().await.unwrap();
     draining.set_busy(&[("room_composite", 1)]);
     draining.set_terminating(true);
-    let disabled = EgressPodStandIn::start().await.unwrap();
-    disabled.set_disabled(true);
+    // It says is_disabled 1 while it cannot reach livekit-server, and still records.
+    let cut_off = EgressPodStandIn::start().await.unwrap();
+    cut_off.set_busy(&[("track", 1)]);
+    cut_off.set_livekit_reachable(false);
     let clustered = EgressPodStandIn::start().await.unwrap();
     clustered.set_cluster_id("eu-west");
-    let mut observed = observe(urls(&[&draining, &disabled, &clustered]));
+    let mut observed = observe(urls(&[&draining, &cut_off, &clustered]));
     observed.observer.refresh_once().await;
 
     let view = observed.fleet.view();
     assert_eq!(view.count(PodState::Terminating), 1);
-    assert_eq!(view.count(PodState::Disabled), 2);
+    assert_eq!(view.count(PodState::Disabled), 1);
+    assert_eq!(view.count(PodState::Unknown), 1);
     assert_eq!(view.free_cpu_cores(), 0.0);
+    let cut_off_view = view
+        .pods
+        .iter()
+        .find(|pod| pod.address == cut_off.metrics_url())
+        .unwrap();
+    assert_eq!(cut_off_view.state, PodState::Unknown);
+    assert!(
+        cut_off_view
+            .last_error
+            .as_deref()
+            .unwrap()
+            .contains("cannot reach livekit-server"),
+        "{cut_off_view:?}"
+    );
     let clustered_view = view
         .pods
         .iter()
@@ -160,8 +180,9 @@ async fn terminating_and_disabled_pods_are_not_counted() {
             .unwrap()
             .contains("cluster_id")
     );
-    assert_eq!(desired(&observed.fleet, 0), 0);
-    assert_eq!(desired(&observed.fleet, 1), 1);
+    // The cut-off pod is kept, with no capacity: a queued composite needs a new pod.
+    assert_eq!(desired(&observed.fleet, 0), 1);
+    assert_eq!(desired(&observed.fleet, 1), 2);
 
     // A draining pod that stops answering has finished: it does not come back as unknown.
     draining.go_down().await;
@@ -169,7 +190,13 @@ async fn terminating_and_disabled_pods_are_not_counted() {
     tokio::time::sleep(GRACE + Duration::from_millis(50)).await;
     observed.observer.refresh_once().await;
     assert_eq!(observed.fleet.view().count(PodState::Terminating), 1);
-    assert_eq!(desired(&observed.fleet, 0), 0);
+    assert_eq!(desired(&observed.fleet, 0), 1);
+
+    // livekit-server answers again: a ready pod.
+    cut_off.set_livekit_reachable(true);
+    observed.observer.refresh_once().await;
+    assert_eq!(observed.fleet.view().count(PodState::Ready), 1);
+    assert_eq!(desired(&observed.fleet, 0), 1);
 }
 
 #[tokio::test]
@@ -238,9 +265,9 @@ async fn slow_garbage_and_oversized_answers_fail_with_bounded_reasons() {
 
     let view = observed.fleet.view();
     // The three busy pods keep their last good metrics within the grace; the pod that never
-    // answered with metrics is a starting pod.
+    // answered with metrics is past its start grace (the slow scrape took longer): unknown.
     assert_eq!(view.count(PodState::Ready), 3);
-    assert_eq!(view.count(PodState::Starting), 1);
+    assert_eq!(view.count(PodState::Unknown), 1);
     let error_of = |pod: &EgressPodStandIn| {
         view.pods
             .iter()
@@ -251,7 +278,12 @@ async fn slow_garbage_and_oversized_answers_fail_with_bounded_reasons() {
     assert!(error_of(&slow).contains("timed out"));
     assert!(error_of(&garbage).contains("UTF-8"));
     assert!(error_of(&oversized).contains("larger than"));
-    assert_eq!(desired(&observed.fleet, 0), 3);
+    assert!(
+        error_of(&never_good).starts_with("never answered a scrape in 0.4 s: "),
+        "{}",
+        error_of(&never_good)
+    );
+    assert_eq!(desired(&observed.fleet, 0), 4);
 
     let text = metrics_text(&observed.registry);
     for line in [
@@ -260,14 +292,14 @@ async fn slow_garbage_and_oversized_answers_fail_with_bounded_reasons() {
         "egress_scaler_fleet_scrape_errors_total{reason=\"too_large\"} 1",
         "egress_scaler_fleet_scrape_errors_total{reason=\"status\"} 0",
         "egress_scaler_fleet_pods{state=\"ready\"} 3",
-        "egress_scaler_fleet_pods{state=\"starting\"} 1",
+        "egress_scaler_fleet_pods{state=\"unknown\"} 1",
     ] {
         assert!(text.contains(line), "missing {line:?} in\n{text}");
     }
 }
 
 #[tokio::test]
-async fn a_pod_seen_for_the_first_time_is_capacity() {
+async fn a_pod_seen_for_the_first_time_is_capacity_for_the_start_grace_only() {
     let new_pod = EgressPodStandIn::start().await.unwrap();
     new_pod.go_down().await;
     let mut observed = observe(urls(&[&new_pod]));
@@ -277,14 +309,31 @@ async fn a_pod_seen_for_the_first_time_is_capacity() {
     assert_eq!(desired(&observed.fleet, 1), 1);
     assert_eq!(desired(&observed.fleet, 3), 3);
 
-    // Long past the grace it is still starting, never unknown: it was never seen.
-    tokio::time::sleep(GRACE + Duration::from_millis(50)).await;
+    // Past the failure grace but within the start grace it is still starting.
+    tokio::time::sleep(GRACE + Duration::from_millis(20)).await;
     observed.observer.refresh_once().await;
     assert_eq!(states(&observed.fleet.view()), [PodState::Starting]);
+
+    // A pod that never answers (CrashLoopBackOff, ImagePullBackOff) is unknown after the
+    // start grace: counted, but the queued composite asks for a pod that may work.
+    tokio::time::sleep(START_GRACE - GRACE).await;
+    observed.observer.refresh_once().await;
+    let view = observed.fleet.view();
+    assert_eq!(states(&view), [PodState::Unknown]);
+    assert_eq!(view.pods[0].free_cpu_cores, 0.0);
+    let reason = view.pods[0].last_error.clone().unwrap();
+    assert!(
+        reason.starts_with("never answered a scrape in 0.4 s: connection failed:")
+            && reason.contains("refused"),
+        "{reason}"
+    );
+    assert_eq!(desired(&observed.fleet, 0), 1);
+    assert_eq!(desired(&observed.fleet, 1), 2);
 
     new_pod.come_back().await.unwrap();
     observed.observer.refresh_once().await;
     assert_eq!(states(&observed.fleet.view()), [PodState::Ready]);
+    assert_eq!(observed.fleet.view().pods[0].last_error, None);
     assert_eq!(desired(&observed.fleet, 1), 1);
 }
 
@@ -298,6 +347,8 @@ async fn a_pod_refusing_requests_gets_no_video_composite() {
     };
     let mut pod_settings = settings.clone();
     pod_settings.costs.set(RoomComposite, 6000);
+    // egress answers can_accept_request for a video web job.
+    pod_settings.costs.set(EgressKind::Web, 6000);
     let pod = EgressPodStandIn::start_on(SocketAddr::from(([127, 0, 0, 1], 0)), pod_settings)
         .await
         .unwrap();
@@ -443,6 +494,8 @@ enum StubAnswer {
     #[default]
     NoRecords,
     Records(Vec<IpAddr>),
+    /// The name does not exist, as `getaddrinfo` says it (glibc's EAI_NONAME text).
+    NxDomain,
     Fail,
     Hang,
 }
@@ -460,6 +513,9 @@ impl Resolver for StubResolver {
             match answer {
                 StubAnswer::NoRecords => Ok(Vec::new()),
                 StubAnswer::Records(ips) => Ok(ips),
+                StubAnswer::NxDomain => Err(io::Error::other(
+                    "failed to lookup address information: Name or service not known",
+                )),
                 StubAnswer::Fail => Err(io::Error::other("SERVFAIL from the stub resolver")),
                 StubAnswer::Hang => futures::future::pending().await,
             }
@@ -566,6 +622,207 @@ async fn dns_discovery_follows_the_records() {
     resolver.set(StubAnswer::NoRecords);
     observed.observer.refresh_once().await;
     assert!(observed.fleet.current().unwrap().pods.is_empty());
+}
+
+#[tokio::test]
+async fn a_name_that_does_not_resolve_is_zero_pods_with_a_warning_said_once() {
+    let (pods, port) = pods_on_one_port(1).await;
+    let resolver = Arc::new(StubResolver::default());
+    resolver.set(StubAnswer::NxDomain);
+    let source = FleetSource::Dns {
+        host: "egress-metrcs.livekit.svc.cluster.local".to_owned(),
+        port,
+    };
+    let mut observed = observe(source);
+    observed.observer = observed.observer.with_resolver(resolver.clone());
+    let logs = LogCapture::install();
+
+    // A mistyped name and a Service with no ready pods look the same: zero pods, a healthy
+    // fleet (scaling from zero works), and a warning that says what to check.
+    for _ in 0..3 {
+        observed.observer.refresh_once().await;
+    }
+    let view = observed
+        .fleet
+        .current()
+        .expect("NXDOMAIN is not a source failure");
+    assert!(view.pods.is_empty());
+    assert_eq!(desired(&observed.fleet, 2), 2);
+    let warning = observed.fleet.warning().expect("a warning");
+    assert!(
+        warning.contains("egress-metrcs.livekit.svc.cluster.local does not resolve")
+            && warning.contains("a mistyped name look the same to DNS")
+            && warning.contains("check"),
+        "{warning}"
+    );
+    assert_eq!(logs.count("Fleet source warning."), 1, "once per change");
+
+    // The name resolves: the warning goes, once.
+    resolver.set(StubAnswer::Records(vec![loopback(2)]));
+    observed.observer.refresh_once().await;
+    observed.observer.refresh_once().await;
+    assert_eq!(observed.fleet.warning(), None);
+    assert_eq!(
+        observed.fleet.view().pods[0].node_id.as_deref(),
+        Some(pods[0].node_id())
+    );
+    assert_eq!(logs.count("Fleet source warning cleared."), 1);
+
+    // Scaled to zero (NXDOMAIN again): zero pods, the warning again, logged a second time.
+    resolver.set(StubAnswer::NxDomain);
+    observed.observer.refresh_once().await;
+    assert!(observed.fleet.current().unwrap().pods.is_empty());
+    assert!(observed.fleet.warning().is_some());
+    assert_eq!(logs.count("Fleet source warning."), 2);
+
+    // A resolver failure stays a failure, not a warning.
+    resolver.set(StubAnswer::Fail);
+    observed.observer.refresh_once().await;
+    assert!(observed.fleet.current().is_err());
+}
+
+/// Collects the log events of the current thread (the tests run on a current-thread runtime).
+struct LogCapture {
+    lines: Arc<Mutex<Vec<String>>>,
+    _guard: tracing::subscriber::DefaultGuard,
+}
+
+impl LogCapture {
+    fn install() -> Self {
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let writer = CaptureWriter(lines.clone());
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .finish();
+        LogCapture {
+            lines,
+            _guard: tracing::subscriber::set_default(subscriber),
+        }
+    }
+
+    /// Lines that contain `message`.
+    fn count(&self, message: &str) -> usize {
+        self.lines
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|line| line.contains(message))
+            .count()
+    }
+}
+
+#[derive(Clone)]
+struct CaptureWriter(Arc<Mutex<Vec<String>>>);
+
+impl io::Write for CaptureWriter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0
+            .lock()
+            .unwrap()
+            .push(String::from_utf8_lossy(buf).into_owned());
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn a_pod_restarted_at_the_same_address_is_a_new_pod_without_the_old_jobs() {
+    let pod = EgressPodStandIn::start().await.unwrap();
+    pod.set_busy(&[("room_composite", 1)]);
+    let mut observed = observe(urls(&[&pod]));
+    observed.observer.refresh_once().await;
+    let first = pod.node_id();
+    assert_eq!(
+        observed.fleet.view().pods[0].node_id.as_deref(),
+        Some(first)
+    );
+    assert_eq!(desired(&observed.fleet, 1), 2);
+
+    // The container crashes and comes back (kubelet restart): a new egress process.
+    pod.restart().await.unwrap();
+    observed.observer.refresh_once().await;
+    let view = observed.fleet.view();
+    assert_eq!(view.pods.len(), 1);
+    assert_ne!(view.pods[0].node_id.as_deref(), Some(first));
+    assert_eq!(view.pods[0].node_id.as_deref(), Some(pod.node_id()));
+    assert_eq!(view.pods[0].state, PodState::Ready);
+    assert!(view.pods[0].active.is_empty(), "the old recording is gone");
+    assert_eq!(desired(&observed.fleet, 1), 1);
+}
+
+#[tokio::test]
+async fn a_pod_after_sigterm_is_out_of_the_count_until_and_after_it_exits() {
+    let pod = EgressPodStandIn::start_with(
+        SocketAddr::from(([127, 0, 0, 1], 0)),
+        EgressPodOptions {
+            drain_poll: Duration::from_millis(20),
+            ..EgressPodOptions::default()
+        },
+    )
+    .await
+    .unwrap();
+    let spare = EgressPodStandIn::start().await.unwrap();
+    pod.set_busy(&[("track", 1)]);
+    let mut observed = observe(urls(&[&pod, &spare]));
+    observed.observer.refresh_once().await;
+    assert_eq!(desired(&observed.fleet, 0), 1);
+
+    let draining = |fleet: &Fleet| {
+        fleet
+            .view()
+            .pods
+            .iter()
+            .find(|view| view.address == pod.metrics_url())
+            .cloned()
+            .unwrap()
+    };
+    pod.sigterm();
+    observed.observer.refresh_once().await;
+    assert_eq!(draining(&observed.fleet).state, PodState::Terminating);
+    assert_eq!(draining(&observed.fleet).active.get("track"), Some(&1));
+    assert_eq!(desired(&observed.fleet, 0), 0);
+    // A queued composite goes on the spare pod, not on the draining one.
+    assert_eq!(desired(&observed.fleet, 1), 1);
+
+    // Drained: it exits, and its failing scrapes keep it out of the count.
+    pod.remove_job("track");
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while !pod.has_exited() {
+        assert!(Instant::now() < deadline, "the drained pod never exited");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    observed.observer.refresh_once().await;
+    tokio::time::sleep(GRACE + Duration::from_millis(50)).await;
+    observed.observer.refresh_once().await;
+    assert_eq!(draining(&observed.fleet).state, PodState::Terminating);
+    assert_eq!(desired(&observed.fleet, 0), 0);
+}
+
+#[tokio::test]
+async fn measured_cpu_above_the_cost_leaves_less_room() {
+    let pod = EgressPodStandIn::start().await.unwrap();
+    pod.set_busy(&[("track", 4)]);
+    let mut observed = observe(urls(&[&pod]));
+    observed.observer.refresh_once().await;
+    let track_composite = |fleet: &Fleet| {
+        let view = fleet.current().unwrap();
+        let demand = Demand::from_counts([(EgressKind::TrackComposite, 1)]);
+        decide(&Settings::default(), &demand, &view.snapshot()).desired
+    };
+    // By cost: 3.2 - 2 >= 1, the track composite fits.
+    assert_eq!(track_composite(&observed.fleet), 1);
+    assert!((observed.fleet.view().pods[0].free_cpu_cores - 1.2).abs() < 1e-9);
+
+    // The four tracks measure 3 cores: as egress admits on that, so does the model.
+    pod.set_cpu_load(Some(0.75));
+    observed.observer.refresh_once().await;
+    assert_eq!(track_composite(&observed.fleet), 2);
+    assert!((observed.fleet.view().pods[0].free_cpu_cores - 0.2).abs() < 1e-9);
+    assert!(!pod.admits(EgressKind::TrackComposite));
 }
 
 #[tokio::test]

@@ -7,6 +7,23 @@
 //! Prometheus errors) or the snapshot grows older than `stale_after`, [`Fleet::current`]
 //! answers an error, so that the scaler answers `Unavailable` instead of guessing.
 //!
+//! How a pod's state follows the real egress pod (FIDELITY.md 4):
+//! - discovered but never scraped: `starting` (an idle pod soon) for `start_grace`, then
+//!   `unknown`: a pod in CrashLoopBackOff or ImagePullBackOff is listed by the headless Service
+//!   but never answers, and must not hold queued work as if it were capacity;
+//! - `is_terminating`: `terminating`, read first (a terminating pod also says `is_disabled 1`,
+//!   and `available 1` while idle);
+//! - a `cluster_id`: `disabled` (open-source livekit-server never sends it a job);
+//! - `is_disabled` alone: the pod cannot reach livekit-server. It holds its recordings and
+//!   either recovers or shuts itself down after 10 min, so it is `unknown` (counted, no
+//!   capacity), never dropped from the count;
+//! - a new `node_id` at a known address is a restarted pod: its earlier jobs are gone, and only
+//!   its new metrics count.
+//!
+//! A DNS name that does not resolve (NXDOMAIN) is zero pods, as it is for a Service scaled to
+//! zero, but it is also the look of a mistyped `--egress-dns`: [`Fleet::warning`] says so, and
+//! the log says it once per change.
+//!
 //! Pod identity across refreshes is the metrics URL (static and DNS sources) or
 //! `node_id@instance` (Prometheus).
 
@@ -56,6 +73,9 @@ pub struct FleetOptions {
     /// How long a pod that was scraped before keeps its last good metrics while failing,
     /// before it turns `unknown`.
     pub unknown_grace: Duration,
+    /// How long a discovered pod that never answered a scrape counts as `starting` (an idle
+    /// pod soon) before it turns `unknown`.
+    pub start_grace: Duration,
     /// Age beyond which [`Fleet::current`] refuses the snapshot.
     pub stale_after: Duration,
 }
@@ -68,6 +88,10 @@ impl Default for FleetOptions {
             max_body_bytes: 4 * 1024 * 1024,
             concurrency: 32,
             unknown_grace: Duration::from_secs(10),
+            // An egress pod serves metrics a second or two after its container starts
+            // (FIDELITY.md 4); 30 s also covers pulling the image on most nodes, and by then
+            // a crash-looping pod has crashed at least twice (back-offs of 10 s, 20 s).
+            start_grace: Duration::from_secs(30),
             stale_after: Duration::from_secs(15),
         }
     }
@@ -87,6 +111,9 @@ impl FleetOptions {
         }
         if self.concurrency == 0 {
             return invalid("concurrency", "must be at least 1");
+        }
+        if self.start_grace.is_zero() {
+            return invalid("start_grace", "must be above zero");
         }
         if self.stale_after < self.refresh_interval {
             return invalid("stale_after", "must be at least the refresh interval");
@@ -156,6 +183,7 @@ impl FleetView {
                     state: pod.state,
                     active: pod.active.clone(),
                     can_accept_video: pod.can_accept_video,
+                    cpu_load: pod.cpu_load,
                 })
                 .collect(),
         }
@@ -212,7 +240,12 @@ pub struct Fleet {
     stale_after: Option<Duration>,
     /// Keeps the channel open for [`Fleet::none`], so subscribers wait instead of ending.
     _sender: Option<Arc<watch::Sender<Arc<FleetView>>>>,
+    /// What the source says that is not an error (see [`Fleet::warning`]).
+    warning: SourceWarning,
 }
+
+/// A warning about the source, shared between the observer and its readers.
+type SourceWarning = Arc<Mutex<Option<String>>>;
 
 impl Fleet {
     /// No source configured: always fresh, zero pods (scale from zero).
@@ -222,7 +255,17 @@ impl Fleet {
             views,
             stale_after: None,
             _sender: Some(Arc::new(sender)),
+            warning: SourceWarning::default(),
         }
+    }
+
+    /// A warning about the source as of the last refresh that is not an error: the fleet is
+    /// still trusted, but an operator should look (a DNS name that does not resolve).
+    pub fn warning(&self) -> Option<String> {
+        self.warning
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// The latest snapshot if it can be trusted: `SourceFailing` when the last refresh's
@@ -388,6 +431,8 @@ struct Tracked {
     /// The `instance` label (Prometheus), to look up `up`.
     instance: Option<String>,
     last_good: Option<(PodMetrics, Instant)>,
+    /// When it was first listed, for the start grace.
+    discovered_at: Instant,
     failing_since: Option<Instant>,
     last_error: Option<String>,
     /// State at the previous refresh, to log changes.
@@ -401,6 +446,7 @@ impl Tracked {
             url,
             instance,
             last_good: None,
+            discovered_at: Instant::now(),
             failing_since: None,
             last_error: None,
             last_state: None,
@@ -408,6 +454,18 @@ impl Tracked {
     }
 
     fn succeeded(&mut self, metrics: PodMetrics, at: Instant) {
+        if let Some((before, _)) = &self.last_good
+            && before.node_id != metrics.node_id
+        {
+            // egress takes a new node_id on every start: a new process at this address, and
+            // the jobs of the old one are gone. Only the new metrics count from here.
+            tracing::info!(
+                pod = %self.address,
+                before = before.node_id.as_deref().unwrap_or(""),
+                after = metrics.node_id.as_deref().unwrap_or(""),
+                "Egress pod restarted (new node_id); its earlier jobs are gone."
+            );
+        }
         self.last_good = Some((metrics, at));
         self.failing_since = None;
         self.last_error = None;
@@ -418,17 +476,28 @@ impl Tracked {
         self.last_error = Some(error);
     }
 
-    fn state(&self, now: Instant, grace: Duration) -> PodState {
+    /// Whether it was never scraped and the start grace is over.
+    fn never_answered(&self, now: Instant, options: &FleetOptions) -> bool {
+        self.last_good.is_none()
+            && now.saturating_duration_since(self.discovered_at) > options.start_grace
+    }
+
+    fn state(&self, now: Instant, options: &FleetOptions) -> PodState {
         let Some((metrics, _)) = &self.last_good else {
-            // Discovered, never scraped: it will be an idle pod.
-            return PodState::Starting;
+            // Discovered, never scraped: it will be an idle pod, unless it never answers
+            // (CrashLoopBackOff, ImagePullBackOff): then it is counted but holds no work.
+            return if self.never_answered(now, options) {
+                PodState::Unknown
+            } else {
+                PodState::Starting
+            };
         };
         let reported = reported_state(metrics);
         match self.failing_since {
             // A draining pod that stops answering has most likely finished draining: it stays
             // out of the count rather than turning into a counted `unknown`.
             Some(since)
-                if now.saturating_duration_since(since) > grace
+                if now.saturating_duration_since(since) > options.unknown_grace
                     && reported != PodState::Terminating =>
             {
                 PodState::Unknown
@@ -437,8 +506,36 @@ impl Tracked {
         }
     }
 
+    /// Why the pod is in its state, when that is not plain health.
+    fn reason(&self, now: Instant, options: &FleetOptions) -> Option<String> {
+        if self.never_answered(now, options) {
+            let error = self.last_error.as_deref().unwrap_or("no scrape finished");
+            return Some(format!(
+                "never answered a scrape in {}: {error}",
+                seconds_text(options.start_grace)
+            ));
+        }
+        if let Some(error) = &self.last_error {
+            return Some(error.clone());
+        }
+        let (metrics, _) = self.last_good.as_ref()?;
+        if let Some(cluster) = metrics.cluster_id.as_deref().filter(|c| !c.is_empty()) {
+            return Some(format!(
+                "cluster_id {cluster:?} is set: open-source livekit-server sends this pod no jobs"
+            ));
+        }
+        if reported_state(metrics) == PodState::Unknown {
+            return Some(
+                "is_disabled 1 while not terminating: the pod cannot reach livekit-server (its \
+                 updates time out); it takes no job and shuts itself down after 10 min of this"
+                    .to_owned(),
+            );
+        }
+        None
+    }
+
     fn view(&self, now: Instant, options: &FleetOptions, settings: &Settings) -> PodView {
-        let state = self.state(now, options.unknown_grace);
+        let state = self.state(now, options);
         let metrics = self.last_good.as_ref().map(|(metrics, _)| metrics);
         let capacity = settings.busy_capacity();
         let free: Millicores = match state {
@@ -449,21 +546,13 @@ impl Tracked {
                     state,
                     active: metrics.map(|m| m.active.clone()).unwrap_or_default(),
                     can_accept_video: None,
+                    cpu_load: metrics.and_then(|m| m.cpu_load),
                 };
-                capacity.saturating_sub(pod.used_cpu(&settings.costs))
+                capacity.saturating_sub(pod.used_cpu_measured(settings))
             }
             PodState::Unknown | PodState::Terminating | PodState::Disabled => 0,
         };
-        let last_error = self.last_error.clone().or_else(|| {
-            metrics
-                .and_then(|m| m.cluster_id.as_deref())
-                .filter(|cluster| !cluster.is_empty())
-                .map(|cluster| {
-                    format!(
-                        "cluster_id {cluster:?} is set: open-source livekit-server sends this pod no jobs"
-                    )
-                })
-        });
+        let last_error = self.reason(now, options);
         PodView {
             address: self.address.clone(),
             node_id: metrics.and_then(|m| m.node_id.clone()),
@@ -487,15 +576,29 @@ impl Tracked {
 /// The state a pod reports about itself.
 fn reported_state(metrics: &PodMetrics) -> PodState {
     if metrics.is_terminating == Some(true) {
+        // Read first: a terminating pod also says `is_disabled 1`.
         PodState::Terminating
-    } else if metrics.is_disabled == Some(true)
-        || metrics.cluster_id.as_deref().is_some_and(|c| !c.is_empty())
-    {
+    } else if metrics.cluster_id.as_deref().is_some_and(|c| !c.is_empty()) {
         // DESIGN.md 2.1: open-source livekit-server never sends a job to a pod with a
-        // cluster_id, so it is no capacity, exactly like a disabled one.
+        // cluster_id, so it is no capacity and never will be.
         PodState::Disabled
+    } else if metrics.is_disabled == Some(true) {
+        // FIDELITY.md 4: outside a shutdown, egress is disabled only while its updates to
+        // livekit-server time out. It still runs its recordings and recovers, or exits after
+        // 10 min and restarts: counted, no capacity, like a pod whose metrics fail.
+        PodState::Unknown
     } else {
         PodState::Ready
+    }
+}
+
+/// `30 s`, `0.3 s`: a duration as operators write the flags.
+fn seconds_text(duration: Duration) -> String {
+    let seconds = duration.as_secs_f64();
+    if seconds.fract() == 0.0 {
+        format!("{seconds:.0} s")
+    } else {
+        format!("{} s", (seconds * 1000.0).round() / 1000.0)
     }
 }
 
@@ -522,6 +625,8 @@ pub struct FleetObserver {
     pods: BTreeMap<String, Tracked>,
     views: watch::Sender<Arc<FleetView>>,
     source_failing: bool,
+    /// Shared with the [`Fleet`]s; set and cleared on change only.
+    warning: SourceWarning,
 }
 
 impl FleetObserver {
@@ -569,10 +674,12 @@ impl FleetObserver {
         };
         metrics.record_view(&initial);
         let (views, receiver) = watch::channel(Arc::new(initial));
+        let warning = SourceWarning::default();
         let fleet = Fleet {
             views: receiver,
             stale_after: Some(options.stale_after),
             _sender: None,
+            warning: warning.clone(),
         };
         let observer = FleetObserver {
             source: reader,
@@ -583,6 +690,7 @@ impl FleetObserver {
             pods,
             views,
             source_failing: false,
+            warning,
         };
         Ok((observer, fleet))
     }
@@ -662,12 +770,26 @@ impl FleetObserver {
     }
 
     /// Re-resolves the Service: new addresses are `starting` pods, vanished ones are gone.
-    /// On failure the known pods stay as they are and the error is returned.
+    /// A name that does not resolve is zero pods, with a warning. On failure the known pods
+    /// stay as they are and the error is returned.
     async fn discover(&mut self, host: &str, port: u16, resolver: &dyn Resolver) -> Option<String> {
         let lookup =
             tokio::time::timeout(self.options.scrape_timeout, resolver.resolve(host, port));
         let addresses = match lookup.await {
-            Ok(Ok(addresses)) => addresses,
+            Ok(Ok(addresses)) => {
+                self.set_warning(None);
+                addresses
+            }
+            Ok(Err(error)) if source::is_no_such_name(&error) => {
+                self.set_warning(Some(format!(
+                    "dns: {host} does not resolve (NXDOMAIN): a Service with no ready pods and \
+                     a mistyped name look the same to DNS; check that --egress-dns names the \
+                     headless Service of the egress pods (kubectl get service -A | grep \
+                     egress) and that it lists them (kubectl get endpoints). Counted as zero \
+                     pods, so scaling from zero still works"
+                )));
+                Vec::new()
+            }
             Ok(Err(error)) => {
                 self.metrics.scrape_failed(ScrapeErrorReason::Dns);
                 return Some(format!("dns: resolving {host}: {error}"));
@@ -701,6 +823,19 @@ impl FleetObserver {
                 .or_insert_with(|| Tracked::new(address, Some(url), None));
         }
         None
+    }
+
+    /// Publishes a warning about the source, logging it when it changes.
+    fn set_warning(&mut self, warning: Option<String>) {
+        let mut slot = self.warning.lock().unwrap_or_else(|e| e.into_inner());
+        if *slot == warning {
+            return;
+        }
+        match &warning {
+            Some(text) => tracing::warn!(warning = %text, "Fleet source warning."),
+            None => tracing::info!("Fleet source warning cleared."),
+        }
+        *slot = warning;
     }
 
     /// Reads the pods from Prometheus. A pod whose series vanished is kept while its target
@@ -797,8 +932,8 @@ fn log_state_change(before: Option<PodState>, pod: &PodView) {
     let after = pod.state.as_str();
     match pod.state {
         PodState::Unknown => tracing::warn!(
-            pod = %pod.address, before, after, error = pod.last_error.as_deref().unwrap_or(""),
-            "Egress pod metrics failing beyond the grace; kept as unknown."
+            pod = %pod.address, before, after, reason = pod.last_error.as_deref().unwrap_or(""),
+            "Egress pod counted as unknown: no capacity until it answers as ready."
         ),
         _ => tracing::info!(
             pod = %pod.address, node_id = pod.node_id.as_deref().unwrap_or(""), before, after,

@@ -170,7 +170,9 @@ fn http_url(flag: &'static str, url: &str) -> Result<Url, FleetConfigError> {
 
 /// Resolves the headless Service name to pod addresses (injectable for tests).
 pub trait Resolver: Send + Sync {
-    /// The addresses behind `host`; an empty list when the name has no records.
+    /// The addresses behind `host`. A name that does not resolve (NXDOMAIN, or no address
+    /// records) is an error of kind [`std::io::ErrorKind::NotFound`]: the observer counts it
+    /// as zero pods and warns, while any other error makes the source fail.
     fn resolve<'a>(
         &'a self,
         host: &'a str,
@@ -181,8 +183,9 @@ pub trait Resolver: Send + Sync {
 /// The system resolver (`getaddrinfo` through `tokio::net::lookup_host`), bounded in time.
 ///
 /// Kubernetes DNS answers NXDOMAIN for a headless Service without ready endpoints, so "name
-/// not known" and "no address" mean zero pods here; a timeout, a server failure or a
-/// temporary failure stays an error.
+/// not known" and "no address" are `NotFound` here (zero pods, with a warning, because a
+/// mistyped name looks the same); a timeout, a server failure or a temporary failure stays an
+/// error.
 #[derive(Debug, Clone)]
 pub struct SystemResolver {
     timeout: Duration,
@@ -214,11 +217,20 @@ impl Resolver for SystemResolver {
                     ips.dedup();
                     Ok(ips)
                 }
-                Ok(Err(e)) if is_no_records(&e) => Ok(Vec::new()),
+                Ok(Err(e)) if is_no_records(&e) => Err(std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    format!("{host} does not resolve: {e}"),
+                )),
                 Ok(Err(e)) => Err(e),
             }
         })
     }
+}
+
+/// Whether a resolver's error means that the name does not resolve: `NotFound`, or the text
+/// of `getaddrinfo`'s "no such name" from a resolver that passes it on.
+pub(crate) fn is_no_such_name(error: &std::io::Error) -> bool {
+    error.kind() == std::io::ErrorKind::NotFound || is_no_records(error)
 }
 
 /// `getaddrinfo`'s EAI_NONAME / EAI_NODATA, as std reports them (only as text), for glibc
@@ -662,6 +674,12 @@ mod tests {
         );
         assert!(is_no_records(&nxdomain));
         assert!(!is_no_records(&servfail));
+        assert!(is_no_such_name(&nxdomain));
+        assert!(is_no_such_name(&std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            "egress.livekit.svc does not resolve"
+        )));
+        assert!(!is_no_such_name(&servfail));
     }
 
     #[test]

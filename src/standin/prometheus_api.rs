@@ -5,7 +5,10 @@
 //! ([`SERIES_QUERY`] and [`TARGETS_QUERY`]) from the stand-in pods' current series, and any
 //! other query with a `bad_data` error. Each target carries the labels Prometheus adds
 //! (`instance`, `job`, `pod`), and can be switched to a failing scrape (its series go stale,
-//! `up` is 0) or removed (the pod was deleted: no series, no `up`).
+//! `up` is 0) or removed (the pod was deleted: no series, no `up`). A target whose stand-in pod
+//! does not listen (down, exited, crashed) fails its scrape as well. Unlike a real Prometheus
+//! it shows the pods as they are at the query, with no scrape interval to lag by (the tests in
+//! `tests/fleet_prometheus.rs` run the real server, from `tests/support/prometheus.rs`).
 
 use std::collections::HashMap;
 use std::io;
@@ -40,6 +43,13 @@ struct Target {
     pod_name: String,
     pod: EgressPodStandIn,
     scrape_failing: bool,
+}
+
+impl Target {
+    /// Whether the last scrape of this target would have succeeded.
+    fn up(&self) -> bool {
+        !self.scrape_failing && self.pod.is_serving()
+    }
 }
 
 #[derive(Debug, Default)]
@@ -200,7 +210,7 @@ async fn query_handler(
     let result: Vec<Value> = if query == SERIES_QUERY {
         targets
             .iter()
-            .filter(|target| !target.scrape_failing)
+            .filter(|target| target.up())
             .flat_map(|target| {
                 target.pod.samples().into_iter().map(move |s| {
                     let mut labels = target_labels(target, s.name);
@@ -215,7 +225,7 @@ async fn query_handler(
         targets
             .iter()
             .map(|target| {
-                let up = if target.scrape_failing { 0.0 } else { 1.0 };
+                let up = if target.up() { 1.0 } else { 0.0 };
                 sample(target_labels(target, "up"), up, now)
             })
             .collect()

@@ -1,6 +1,8 @@
 //! Test helpers: a real `redis-server` per test and the real server on 127.0.0.1:0.
 #![allow(dead_code)]
 
+pub mod prometheus;
+
 use std::net::SocketAddr;
 use std::time::Duration;
 
