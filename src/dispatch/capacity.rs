@@ -91,7 +91,7 @@ impl Reservations {
         let mut loads: Vec<PodLoad> = snapshot
             .pods
             .iter()
-            .map(|pod| PodLoad::of(pod, &settings.costs))
+            .map(|pod| PodLoad::observed(pod, settings))
             .collect();
         let kinds = self
             .held
