@@ -224,7 +224,10 @@ async fn queued(
         if active >= wanted {
             break began.elapsed();
         }
-        assert!(Instant::now() < deadline, "only {active} of {wanted} started");
+        assert!(
+            Instant::now() < deadline,
+            "only {active} of {wanted} started"
+        );
         tokio::time::sleep(Duration::from_millis(5)).await;
     };
     stop.cancel();
