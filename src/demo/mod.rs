@@ -91,9 +91,9 @@ pub const TIMING: Timing = Timing {
     cooldown: Duration::from_secs(5),
     no_capacity_delay: Duration::from_secs(2),
     fleet_refresh: Duration::from_millis(500),
-    // Starts take their real time (1.5 s on a new, idle pod): with one start in flight at a
-    // time, 24 rooms spend about 40 s in start calls alone.
-    deadline: Duration::from_secs(70),
+    // Starts take their real time (1.5 s on a new, idle pod); the dispatcher has many in
+    // flight at once, so a run takes about 20-25 s.
+    deadline: Duration::from_secs(50),
 };
 
 /// The queue the demo uses (serve's default).
