@@ -439,4 +439,23 @@ mod tests {
             "{table}"
         );
     }
+
+    #[test]
+    fn status_table_opens_with_the_redis_warning() {
+        let mut answer = json!({
+            "queues": [],
+            "fleet": {"healthy": true, "error": null, "snapshot_age_seconds": 0.5,
+                      "pods_by_state": {"ready": 0}, "free_cpu_cores": 0.0, "pods": []}
+        });
+        let quiet: StatusAnswer = serde_json::from_value(answer.clone()).unwrap();
+        assert!(!render_status(&quiet).contains("WARNING"));
+        answer["redis"] = json!({"eviction_policy": "volatile-lru", "eviction_policy_ok": false,
+            "warning": "Redis maxmemory-policy is volatile-lru: set maxmemory-policy noeviction"});
+        let warned: StatusAnswer = serde_json::from_value(answer).unwrap();
+        let table = render_status(&warned);
+        assert!(
+            table.starts_with("WARNING: Redis maxmemory-policy is volatile-lru"),
+            "{table}"
+        );
+    }
 }

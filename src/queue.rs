@@ -564,7 +564,7 @@ fn log_lost_tickets(queue: &QueueName, removed: &[String]) {
         tracing::warn!(
             %queue,
             tickets = ?removed,
-            "Ticket hashes were gone (evicted or deleted): removed from the queue, counters recounted. Their recordings are lost; set Redis maxmemory-policy noeviction."
+            "Ticket hashes were gone (evicted or deleted): removed from the queue, counters recounted; those requests are lost. Set Redis maxmemory-policy noeviction."
         );
     }
 }
