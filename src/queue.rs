@@ -38,6 +38,8 @@
 //! | `egress-scaler:{q}:active` | ZSET | ids of recording tickets, scored by start time |
 //! | `egress-scaler:{q}:dead` | ZSET | ids of failed tickets (dead letters), scored by failure time; the newest 10,000, none older than `finished_ttl` |
 //! | `egress-scaler:{q}:egress` | HASH | LiveKit egress id -> id of its active ticket |
+//! | `egress-scaler:{q}:recorded:<egress id>` | STRING | the ticket the egress was recorded for, kept `finished_ttl`: an egress is never adopted by a second ticket |
+//! | `egress-scaler:{q}:egress_over:<egress id>` | HASH | `state`, `error` of an egress whose end was reported before its start was recorded; 15 minutes |
 //! | `egress-scaler:{q}:room:<room name>` | SET | ids of the queued tickets of one room |
 //! | `egress-scaler:{q}:events` | pub/sub channel | the queue name is published on every change (classic `PUBLISH`: every node of a cluster hears it) |
 //! | `egress-scaler:{q}:fence` | STRING | the dispatcher lease's fencing counter (`INCR` on each acquisition, see `dispatch::lease`) |
@@ -46,7 +48,8 @@
 //! Ticket hash fields: `state`, `kind`, `room`, `request` (optional, the LiveKit request
 //! verbatim), `dedup`, `digest` (SHA-256 of kind, room and request: what "the same request"
 //! means), `seq` (enqueue sequence number), `enqueued_at`; `attempt` and
-//! `dispatching_at` while dispatching; `last_attempt_at` once an attempt was put back;
+//! `dispatching_at` while dispatching; `unsettled_at` once that attempt's outcome is unknown;
+//! `cancel_requested` when a cancel was asked for while dispatching;
 //! `egress_id` and `started_at` once active; `ended_at` once finished; `error` when failed.
 //! Times are milliseconds since the Unix epoch, given by the caller. The counter hashes hold
 //! non-zero kinds only: a missing kind counts zero.
@@ -71,10 +74,12 @@
 //! | `enqueue` | (new) | queued, at the tail |
 //! | `claim` | queued | dispatching, with an attempt id |
 //! | `requeue` | dispatching, by the same attempt | queued, at its original place |
-//! | `mark_started` | queued, dispatching | active |
+//! | `unsettle` | dispatching, by the same attempt | dispatching, its outcome unknown |
+//! | `mark_started` | queued, dispatching | active (at once ended or failed when the egress's end was already reported; refused when the egress is recorded for another ticket) |
 //! | `mark_failed` | queued, dispatching | failed (dead letter) |
-//! | `mark_ended` | active, dispatching | ended |
+//! | `finish` | active, dispatching | ended, failed (dead letter) or cancelled |
 //! | `cancel` | queued | cancelled |
+//! | `cancel` | dispatching | dispatching, `cancel_requested` (the dispatcher cancels it once settled) |
 //!
 //! A ticket holds its dedup key (the key of what it records, see
 //! [`crate::egress_request::StartRequest::dedup_key`], unless the caller gives one) until it

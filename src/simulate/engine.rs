@@ -233,7 +233,9 @@ struct Sim<'a> {
     calling: Vec<usize>,
     /// When each waiting start call was made.
     call_began: HashMap<usize, Millis>,
-    /// The dispatcher's start call in flight (queued policies make one at a time).
+    /// A dispatcher start call waiting inside livekit-server for a pod (its view was wrong);
+    /// while one waits, the simulated dispatcher sends no other. (The real one keeps sending
+    /// up to `--max-in-flight`: the simulation is slightly pessimistic there.)
     in_flight: Option<usize>,
     /// The dispatcher's view of the ready pods: the last fleet refresh plus its own starts.
     view: Vec<(usize, PodLoad)>,
