@@ -37,6 +37,7 @@ use serde_json::Value;
 
 use crate::config::ApiCredentials;
 use crate::dispatch::matching::{candidates, egress_error};
+use crate::dispatch::stored_request;
 use crate::egress_request::StartRequest;
 use crate::intake::{AppState, now_ms};
 use crate::model::EgressKind;
@@ -284,17 +285,8 @@ async fn egress_started(
         ) else {
             continue;
         };
-        let request = match ticket
-            .request
-            .as_deref()
-            .map(serde_json::from_str::<Value>)
-            .transpose()
-        {
-            Ok(value) => match StartRequest::parse(ticket.kind, &ticket.room_name, value) {
-                Ok(request) => request,
-                Err(_) => continue,
-            },
-            Err(_) => continue,
+        let Ok(request) = stored_request(&ticket) else {
+            continue;
         };
         let listed = std::slice::from_ref(info);
         if candidates(listed, &request, since, webhooks.clock_skew).is_empty() {

@@ -53,6 +53,7 @@ use crate::telemetry::DispatchMetrics;
 use lease::Lease;
 use livekit::EgressApi;
 use pipeline::Term;
+pub(crate) use pipeline::stored_request;
 
 /// Which queued ticket may start.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Deserialize)]

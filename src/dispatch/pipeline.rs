@@ -74,6 +74,18 @@ struct Unsettled {
     failing_since: Option<Instant>,
 }
 
+impl Unsettled {
+    /// An attempt to settle, first looked up at `next_check`.
+    fn new(attempt: Attempt, next_check: Instant) -> Self {
+        Unsettled {
+            attempt,
+            next_check,
+            looking: false,
+            failing_since: None,
+        }
+    }
+}
+
 /// What a start call task reports.
 #[derive(Debug)]
 enum Sent {
@@ -381,17 +393,15 @@ impl<'a, A: EgressApi> Term<'a, A> {
                 .hold(ticket.kind, std::time::Instant::now());
             self.unsettled.insert(
                 id,
-                Unsettled {
-                    attempt: Attempt {
+                Unsettled::new(
+                    Attempt {
                         ticket,
                         id: attempt,
                         began_ms,
                         request,
                     },
-                    next_check: Instant::now(),
-                    looking: false,
-                    failing_since: None,
-                },
+                    Instant::now(),
+                ),
             );
         }
         Ok(())
@@ -514,15 +524,8 @@ impl<'a, A: EgressApi> Term<'a, A> {
                 let result = self.answered(&attempt, sent).await;
                 if matches!(result, Err(StepError::Queue(_))) && !self.unsettled.contains_key(&id) {
                     // The answer could not be recorded: settle the attempt like a lost answer.
-                    self.unsettled.insert(
-                        id,
-                        Unsettled {
-                            attempt: *attempt,
-                            next_check: Instant::now(),
-                            looking: false,
-                            failing_since: None,
-                        },
-                    );
+                    self.unsettled
+                        .insert(id, Unsettled::new(*attempt, Instant::now()));
                 }
                 result
             }
@@ -618,12 +621,7 @@ impl<'a, A: EgressApi> Term<'a, A> {
                     .started(&ticket.id, std::time::Instant::now());
                 self.unsettled.insert(
                     ticket.id.clone(),
-                    Unsettled {
-                        attempt: attempt.clone(),
-                        next_check: Instant::now(),
-                        looking: false,
-                        failing_since: None,
-                    },
+                    Unsettled::new(attempt.clone(), Instant::now()),
                 );
                 Ok(())
             }
@@ -721,12 +719,10 @@ impl<'a, A: EgressApi> Term<'a, A> {
                 tracing::error!(queue = %self.d.queue, ticket = %ticket.id, egress_id = %info.egress_id, "The egress is recorded for another ticket; this attempt is settled on its own.");
                 self.unsettled.insert(
                     ticket.id.clone(),
-                    Unsettled {
-                        attempt: attempt.clone(),
-                        next_check: Instant::now() + self.d.options.recheck_interval,
-                        looking: false,
-                        failing_since: None,
-                    },
+                    Unsettled::new(
+                        attempt.clone(),
+                        Instant::now() + self.d.options.recheck_interval,
+                    ),
                 );
                 return Ok(());
             }
@@ -1151,7 +1147,7 @@ async fn check_active<A: EgressApi>(
 }
 
 /// The stored start request of a ticket, as it will be sent.
-fn stored_request(ticket: &Ticket) -> Result<StartRequest, String> {
+pub(crate) fn stored_request(ticket: &Ticket) -> Result<StartRequest, String> {
     let value = match &ticket.request {
         Some(text) => Some(
             serde_json::from_str(text)
