@@ -1423,6 +1423,23 @@ impl QueueStore {
         parse_ticket_id(owner).map(Some)
     }
 
+    /// Whether an egress is recorded for a ticket of any of `queues` (active, or finished
+    /// until the record expires): such an egress is never another ticket's.
+    pub async fn egress_recorded_in<'q>(
+        &self,
+        queues: impl IntoIterator<Item = &'q QueueName>,
+        egress_id: &str,
+    ) -> Result<bool, QueueError> {
+        for queue in queues {
+            if self.ticket_for_egress(queue, egress_id).await?.is_some()
+                || self.recorded_egress(queue, egress_id).await?.is_some()
+            {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
     /// The ticket an egress was ever recorded for (active or finished, until it expires).
     pub async fn recorded_egress(
         &self,

@@ -251,18 +251,11 @@ async fn egress_started(
     info: &proto::EgressInfo,
 ) -> Result<bool, QueueError> {
     // An egress recorded for a ticket of any served queue is never another's.
-    for served in &webhooks.queues {
-        if store
-            .ticket_for_egress(served, &info.egress_id)
-            .await?
-            .is_some()
-            || store
-                .recorded_egress(served, &info.egress_id)
-                .await?
-                .is_some()
-        {
-            return Ok(false);
-        }
+    if store
+        .egress_recorded_in(&webhooks.queues, &info.egress_id)
+        .await?
+    {
+        return Ok(false);
     }
     if info
         .request

@@ -766,28 +766,6 @@ impl<'a, A: EgressApi> Term<'a, A> {
         });
     }
 
-    /// Whether an egress is recorded for a ticket of any served queue.
-    async fn recorded_anywhere(&self, egress_id: &str) -> Result<bool, StepError> {
-        for queue in &self.d.served {
-            if self
-                .d
-                .store
-                .recorded_egress(queue, egress_id)
-                .await?
-                .is_some()
-                || self
-                    .d
-                    .store
-                    .ticket_for_egress(queue, egress_id)
-                    .await?
-                    .is_some()
-            {
-                return Ok(true);
-            }
-        }
-        Ok(false)
-    }
-
     /// Settles an attempt of unknown outcome with what `ListEgress` answered.
     async fn looked_up(
         &mut self,
@@ -837,7 +815,12 @@ impl<'a, A: EgressApi> Term<'a, A> {
         .cloned()
         .collect();
         for info in found {
-            if self.recorded_anywhere(&info.egress_id).await? {
+            if self
+                .d
+                .store
+                .egress_recorded_in(&self.d.served, &info.egress_id)
+                .await?
+            {
                 continue;
             }
             self.unsettled.remove(id);
