@@ -62,7 +62,8 @@ pub struct ServeArgs {
     /// TOML file with the same settings (flag names with `_` for `-`).
     #[arg(long, env = "EGRESS_SCALER_CONFIG")]
     pub config: Option<PathBuf>,
-    /// Redis or Redis Cluster URL, redis:// or rediss:// (also env REDIS_URL).
+    /// Redis, Redis Cluster or Sentinel URL: redis://, rediss://, redis+sentinel:// or
+    /// rediss+sentinel:// (also env REDIS_URL).
     #[arg(long, env = "EGRESS_SCALER_REDIS_URL")]
     pub redis_url: Option<String>,
     /// KEDA gRPC listen address [default: 0.0.0.0:9090].
@@ -651,10 +652,17 @@ impl ServeArgs {
             .or_else(|| env.var("REDIS_URL"))
             .or(file.redis_url)
             .unwrap_or_else(|| "redis://127.0.0.1:6379".to_owned());
-        if !(redis_url.starts_with("redis://") || redis_url.starts_with("rediss://")) {
+        if crate::queue::is_sentinel_url(&redis_url) {
+            // The error names what is wrong, never the URL: it may hold passwords.
+            crate::queue::SentinelUrl::parse(&redis_url)
+                .map_err(|error| invalid("--redis-url", format!("the Sentinel URL {error}")))?;
+        } else if !(redis_url.starts_with("redis://") || redis_url.starts_with("rediss://")) {
             return Err(invalid(
                 "--redis-url",
-                format!("{redis_url:?} must start with redis:// or rediss://"),
+                format!(
+                    "{redis_url:?} must start with redis://, rediss://, redis+sentinel:// or \
+                     rediss+sentinel://"
+                ),
             ));
         }
 
@@ -1164,8 +1172,18 @@ mod tests {
     }
 
     #[test]
+    fn a_sentinel_url_is_taken_and_a_bad_one_is_named_without_its_password() {
+        let url = "rediss+sentinel://:pw@s1:26379,s2:26379/mymaster/0?wait_replicas=1";
+        let config = resolve(&["--redis-url", url], &[]).unwrap();
+        assert_eq!(config.redis_url, url);
+        let error = resolve(&["--redis-url", "redis+sentinel://:pw@s1:26379"], &[]).unwrap_err();
+        assert!(error.to_string().contains("names no master"), "{error}");
+        assert!(!error.to_string().contains("pw"), "{error}");
+    }
+
+    #[test]
     fn bad_values_name_their_setting() {
-        let cases: [(&[&str], &str); 9] = [
+        let cases: [(&[&str], &str); 10] = [
             (&["--cost", "video=4"], "--cost"),
             (&["--cost", "track"], "--cost"),
             (&["--max-cpu-utilization", "1.5"], "--max-cpu-utilization"),
@@ -1177,6 +1195,10 @@ mod tests {
             (&["--queue", "a", "--queue", "a"], "--queue"),
             (&["--queue", "a,"], "--queue"),
             (&["--redis-url", "http://x"], "--redis-url"),
+            (
+                &["--redis-url", "redis+sentinel://:pw@s1:26379"],
+                "--redis-url",
+            ),
             (&["--egress-dns", "egress"], "--egress-dns"),
         ];
         for (args, setting) in cases {

@@ -107,7 +107,9 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 use crate::egress_request::StartRequest;
 use crate::model::{Demand, EgressKind};
 
+mod sentinel;
 mod served;
+pub use sentinel::{DEFAULT_SENTINEL_PORT, SentinelUrl, is_sentinel_url};
 pub use served::{InvalidServedQueues, MAX_SERVED_QUEUES, ServedQueues, UnservedQueue};
 
 /// A validated queue name: 1 to 64 of `[A-Za-z0-9_-]`.
@@ -894,12 +896,35 @@ pub struct QueueStore {
     eviction_policy: Arc<Mutex<Option<EvictionPolicy>>>,
 }
 
-/// How new connections are made: to the URL's node, or to the cluster it belongs to.
+/// How new connections are made: to the URL's node, to the cluster it belongs to, or to
+/// the primary the sentinels name.
 #[derive(Debug, Clone)]
 enum Backend {
     Standalone(ConnectionManagerConfig),
     /// Shared: far bigger than the single-node settings, and cloned with every store.
     Cluster(Arc<ClusterBackend>),
+    Sentinel(Arc<SentinelBackend>),
+}
+
+/// The sentinels, and what every connection to the primary they name is made with.
+struct SentinelBackend {
+    sentinels: tokio::sync::Mutex<redis::sentinel::SentinelClient>,
+    config: ConnectionManagerConfig,
+    /// Bound on asking the sentinels and checking the primary they name.
+    find_timeout: Duration,
+    /// Replicas that must acknowledge a write (`WAIT`); 0 for none.
+    wait_replicas: u32,
+    /// How long a write waits for them.
+    wait_timeout: Duration,
+}
+
+impl fmt::Debug for SentinelBackend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SentinelBackend")
+            .field("wait_replicas", &self.wait_replicas)
+            .field("wait_timeout", &self.wait_timeout)
+            .finish_non_exhaustive()
+    }
 }
 
 /// The cluster client and the timeouts of every connection it makes.
@@ -916,9 +941,11 @@ struct ClusterBackend {
 struct Connection {
     link: Link,
     generation: u64,
-    /// In cluster mode, while a replacement connects in the background: dropped with the
-    /// last clone of the store, it stops the replacement.
+    /// In cluster and Sentinel mode, while a replacement connects in the background:
+    /// dropped with the last clone of the store, it stops the replacement.
     replacing: Option<DropGuard>,
+    /// In Sentinel mode, the client of the primary `link` is connected to.
+    primary: Option<redis::Client>,
 }
 
 /// A connection to one Redis node, or to a whole cluster (routed by key).
@@ -971,7 +998,6 @@ impl QueueStore {
     /// itself, and while Redis is away every call fails within about
     /// `connect_timeout + response_timeout` instead of waiting.
     pub async fn connect(url: &str, options: StoreOptions) -> Result<Self, QueueError> {
-        let client = redis::Client::open(url)?;
         // Few quick reconnection attempts: a caller waiting on a reconnection gets its
         // answer soon, and the next call starts a new attempt anyway.
         let config = ConnectionManagerConfig::new()
@@ -981,6 +1007,10 @@ impl QueueStore {
             .set_min_delay(Duration::from_millis(50))
             .set_max_delay(Duration::from_millis(200));
         let call_timeout = options.connect_timeout + options.response_timeout;
+        if is_sentinel_url(url) {
+            return Self::connect_sentinel(url, options, config, call_timeout).await;
+        }
+        let client = redis::Client::open(url)?;
         let manager = match tokio::time::timeout(
             call_timeout,
             client.get_connection_manager_with_config(config.clone()),
@@ -1012,11 +1042,91 @@ impl QueueStore {
                 link,
                 generation: 0,
                 replacing: None,
+                primary: None,
             })),
             finished_ttl: options.finished_ttl,
             call_timeout,
             eviction_policy: Arc::new(Mutex::new(None)),
         })
+    }
+
+    /// Asks the sentinels for the primary (the module doc of `sentinel` has the URL form)
+    /// and connects to it. A call that finds the primary gone, silent or demoted (`READONLY`)
+    /// fails, and makes the store ask the sentinels again in the background.
+    async fn connect_sentinel(
+        url: &str,
+        options: StoreOptions,
+        config: ConnectionManagerConfig,
+        call_timeout: Duration,
+    ) -> Result<Self, QueueError> {
+        let parsed = SentinelUrl::parse(url).map_err(|error| {
+            redis::RedisError::from((
+                redis::ErrorKind::InvalidClientConfig,
+                "invalid Redis Sentinel URL",
+                error,
+            ))
+        })?;
+        let backend = Arc::new(SentinelBackend {
+            sentinels: tokio::sync::Mutex::new(parsed.client()?),
+            config,
+            // A sentinel's answer, then a connection to the primary it names and its ROLE.
+            find_timeout: call_timeout * 2,
+            wait_replicas: parsed.wait_replicas,
+            // Within the response timeout, so that a shortfall is told apart from silence.
+            wait_timeout: options.response_timeout / 2,
+        });
+        let client = sentinel::find_primary(&backend.sentinels, backend.find_timeout).await?;
+        let manager = match tokio::time::timeout(
+            call_timeout,
+            client.get_connection_manager_with_config(backend.config.clone()),
+        )
+        .await
+        {
+            Ok(manager) => manager?,
+            Err(_) => return Err(timed_out(call_timeout)),
+        };
+        tracing::info!(
+            primary = ?client.get_connection_info().addr(),
+            wait_replicas = parsed.wait_replicas,
+            "Redis primary found through Sentinel."
+        );
+        Ok(QueueStore {
+            client: client.clone(),
+            backend: Backend::Sentinel(backend),
+            connection: Arc::new(Mutex::new(Connection {
+                link: Link::Standalone(manager),
+                generation: 0,
+                replacing: None,
+                primary: Some(client),
+            })),
+            finished_ttl: options.finished_ttl,
+            call_timeout,
+            eviction_policy: Arc::new(Mutex::new(None)),
+        })
+    }
+
+    /// Where [`run_event_listener`] subscribes: the URL's node (and the other nodes of its
+    /// cluster), or the primary the sentinels name at each subscription.
+    pub fn event_source(&self) -> EventSource {
+        match &self.backend {
+            Backend::Sentinel(sentinel) => EventSource(Source::Sentinel(Arc::clone(sentinel))),
+            Backend::Standalone(_) | Backend::Cluster(_) => {
+                EventSource(Source::Node(self.client.clone()))
+            }
+        }
+    }
+
+    /// The client of the node answering now: the URL's node, or in Sentinel mode the
+    /// primary last found.
+    fn current_client(&self) -> redis::Client {
+        let current = self
+            .connection
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        current
+            .primary
+            .clone()
+            .unwrap_or_else(|| self.client.clone())
     }
 
     /// The cluster connection, seeded with the URL's node and every node it knows of, so
@@ -1064,7 +1174,8 @@ impl QueueStore {
 
     /// The client of the URL's node, for connections of other kinds (pub/sub, leases). In
     /// cluster mode keyed commands sent through it are answered with `MOVED` unless the
-    /// key's slot is on that node.
+    /// key's slot is on that node. In Sentinel mode, the primary found at connect time:
+    /// use [`QueueStore::event_source`] for queue events.
     pub fn client(&self) -> &redis::Client {
         &self.client
     }
@@ -1149,7 +1260,7 @@ impl QueueStore {
             .arg(events_channel(queue))
             .arg(queue.as_str());
         let (demand, kinds, removed): (HashMap<String, u64>, Vec<String>, Vec<String>) =
-            decode(self.invoke(&invocation).await?, "scaling input")?;
+            decode(self.read(&invocation).await?, "scaling input")?;
         log_lost_tickets(queue, &removed);
         let started_since = kinds
             .iter()
@@ -1203,7 +1314,10 @@ impl QueueStore {
     /// may deny CONFIG) `INFO memory`; [`EvictionPolicy::Unknown`] when neither answers.
     pub async fn read_eviction_policy(&self) -> EvictionPolicy {
         let asked = tokio::time::timeout(self.call_timeout, async {
-            let mut connection = self.client.get_multiplexed_async_connection().await?;
+            let mut connection = self
+                .current_client()
+                .get_multiplexed_async_connection()
+                .await?;
             let config: redis::RedisResult<Value> = redis::cmd("CONFIG")
                 .arg("GET")
                 .arg("maxmemory-policy")
@@ -1279,7 +1393,7 @@ impl QueueStore {
             Vec<String>,
         );
         let (queued, demand, depth, oldest, dispatching, active, dead_letters, removed): Reply =
-            decode(self.invoke(&invocation).await?, "stats reply")?;
+            decode(self.read(&invocation).await?, "stats reply")?;
         log_lost_tickets(queue, &removed);
         Ok(QueueStats {
             queued: parse_demand(queued)?,
@@ -1731,7 +1845,43 @@ impl QueueStore {
     /// Runs a script: `EVALSHA`, then `SCRIPT LOAD` and `EVALSHA` again when the node does
     /// not know it. A cluster connection routes `EVALSHA` by its first key, and every key
     /// of a queue shares the queue's slot.
+    ///
+    /// In Sentinel mode with `wait_replicas` N > 0, the script's writes are then confirmed
+    /// with `WAIT N` on the same connection (it covers every earlier write of that
+    /// connection): fewer acknowledgments in time fail the call as unavailable.
     async fn invoke(&self, invocation: &ScriptInvocation<'_>) -> Result<Value, QueueError> {
+        let wait = match &self.backend {
+            Backend::Sentinel(sentinel) if sentinel.wait_replicas > 0 => {
+                Some((sentinel.wait_replicas, sentinel.wait_timeout))
+            }
+            _ => None,
+        };
+        let Some((replicas, timeout)) = wait else {
+            return self.read(invocation).await;
+        };
+        self.call(|mut link| async move {
+            let value = invocation.invoke_async(&mut link).await?;
+            let acknowledged: i64 = redis::cmd("WAIT")
+                .arg(replicas)
+                .arg(timeout.as_millis() as u64)
+                .query_async(&mut link)
+                .await?;
+            if acknowledged < i64::from(replicas) {
+                return Err(redis::RedisError::from((
+                    redis::ErrorKind::Server(redis::ServerErrorKind::ResponseError),
+                    "write not confirmed by the replicas",
+                    format!(
+                        "{acknowledged} of {replicas} replica(s) acknowledged it within {timeout:?}"
+                    ),
+                )));
+            }
+            Ok(value)
+        })
+        .await
+    }
+
+    /// Runs a script that writes nothing (or nothing a failover may not lose): no `WAIT`.
+    async fn read(&self, invocation: &ScriptInvocation<'_>) -> Result<Value, QueueError> {
         self.call(|mut link| async move { invocation.invoke_async(&mut link).await })
             .await
     }
@@ -1749,7 +1899,8 @@ impl QueueStore {
             Err(_) => Err(timed_out_redis(self.call_timeout)),
         };
         if let Err(error) = &result
-            && error.is_timeout()
+            && (error.is_timeout()
+                || (matches!(self.backend, Backend::Sentinel(_)) && primary_lost(error)))
         {
             self.replace_connection(generation);
         }
@@ -1810,6 +1961,75 @@ impl QueueStore {
                     "Redis did not answer in time; opening a new cluster connection."
                 );
             }
+            // Swapped in only once the sentinels named a primary and it answered: calls
+            // meanwhile fail fast on the old one (unavailable, never a stale zero).
+            Backend::Sentinel(sentinel) => {
+                let stop = CancellationToken::new();
+                current.replacing = Some(stop.clone().drop_guard());
+                tokio::spawn(replace_primary_connection(
+                    Arc::downgrade(&self.connection),
+                    Arc::clone(sentinel),
+                    self.call_timeout,
+                    generation,
+                    stop,
+                ));
+                tracing::warn!("The Redis primary is gone or demoted; asking the sentinels.");
+            }
+        }
+    }
+}
+
+/// Whether a failed call in Sentinel mode means the primary may have changed: the
+/// connection failed, or the node no longer takes writes.
+fn primary_lost(error: &redis::RedisError) -> bool {
+    error.is_io_error()
+        || error.is_connection_dropped()
+        || error.is_connection_refusal()
+        || matches!(error.code(), Some("READONLY" | "MASTERDOWN" | "LOADING"))
+}
+
+/// Asks the sentinels for the primary, connects to it and swaps the connection in for
+/// `generation`; ends when connected, failed, timed out or stopped. A failure leaves the
+/// old connection, and the next failed call asks again.
+async fn replace_primary_connection(
+    state: Weak<Mutex<Connection>>,
+    sentinel: Arc<SentinelBackend>,
+    call_timeout: Duration,
+    generation: u64,
+    stop: CancellationToken,
+) {
+    let connected = tokio::select! {
+        _ = stop.cancelled() => return,
+        connected = async {
+            let client = sentinel::find_primary(&sentinel.sentinels, sentinel.find_timeout).await?;
+            let manager = tokio::time::timeout(
+                call_timeout,
+                client.get_connection_manager_with_config(sentinel.config.clone()),
+            )
+            .await
+            .map_err(|_| timed_out_redis(call_timeout))??;
+            Ok::<_, redis::RedisError>((client, manager))
+        } => connected,
+    };
+    let Some(state) = state.upgrade() else {
+        return;
+    };
+    let mut current = state.lock().unwrap_or_else(PoisonError::into_inner);
+    current.replacing = None;
+    match connected {
+        Ok((client, manager)) => {
+            if current.generation == generation {
+                tracing::info!(
+                    primary = ?client.get_connection_info().addr(),
+                    "Connected to the Redis primary the sentinels name."
+                );
+                current.link = Link::Standalone(manager);
+                current.primary = Some(client);
+                current.generation = generation + 1;
+            }
+        }
+        Err(error) => {
+            tracing::warn!(%error, "Could not connect to a Redis primary through Sentinel.");
         }
     }
 }
@@ -2059,15 +2279,26 @@ const LISTENER_PING_INTERVAL: Duration = Duration::from_secs(10);
 /// `client` is [`QueueStore::client`]: the URL's node. On a Redis Cluster, where `PUBLISH`
 /// reaches every node, one subscription on one node hears every queue; the listener learns
 /// the other nodes from the node it subscribed on, and subscribes on one of them when the
-/// URL's node does not answer.
+/// URL's node does not answer. Given [`QueueStore::event_source`] of a store in Sentinel
+/// mode, it subscribes on the primary the sentinels name at each subscription: after a
+/// failover the old primary's connection fails (or its `PING` goes unanswered), and the
+/// listener subscribes on the new one.
 pub async fn run_event_listener(
-    client: redis::Client,
+    source: impl Into<EventSource>,
     events: broadcast::Sender<QueueEvent>,
     shutdown: CancellationToken,
 ) {
-    let mut nodes = EventNodes {
-        seed: client,
-        known: KnownNodes::Unknown,
+    let mut nodes = match source.into().0 {
+        Source::Node(client) => EventNodes {
+            seed: Some(client),
+            sentinel: None,
+            known: KnownNodes::Unknown,
+        },
+        Source::Sentinel(sentinel) => EventNodes {
+            seed: None,
+            sentinel: Some(sentinel),
+            known: KnownNodes::Standalone,
+        },
     };
     let mut backoff = LISTENER_BACKOFF_FIRST;
     loop {
@@ -2091,10 +2322,32 @@ pub async fn run_event_listener(
     }
 }
 
+/// Where [`run_event_listener`] subscribes: a node (`From<redis::Client>`, the URL's), or
+/// the primary the sentinels name ([`QueueStore::event_source`]).
+#[derive(Debug, Clone)]
+pub struct EventSource(Source);
+
+#[derive(Debug, Clone)]
+enum Source {
+    /// The URL's node, and the other nodes of its cluster.
+    Node(redis::Client),
+    /// The sentinels of a store in Sentinel mode.
+    Sentinel(Arc<SentinelBackend>),
+}
+
+impl From<redis::Client> for EventSource {
+    fn from(client: redis::Client) -> Self {
+        EventSource(Source::Node(client))
+    }
+}
+
 /// Where the event listener may subscribe.
 struct EventNodes {
-    /// The URL's node, always tried first (behind a Service name it may be any node).
-    seed: redis::Client,
+    /// The URL's node, always tried first (behind a Service name it may be any node); none
+    /// in Sentinel mode.
+    seed: Option<redis::Client>,
+    /// In Sentinel mode, asked for the primary before each subscription.
+    sentinel: Option<Arc<SentinelBackend>>,
     known: KnownNodes,
 }
 
@@ -2116,8 +2369,14 @@ impl EventNodes {
             KnownNodes::Cluster(others) => others.as_slice(),
             KnownNodes::Unknown | KnownNodes::Standalone => &[],
         };
+        let primary = match &self.sentinel {
+            Some(sentinel) => {
+                Some(sentinel::find_primary(&sentinel.sentinels, sentinel.find_timeout).await?)
+            }
+            None => None,
+        };
         let mut last_error = None;
-        for node in std::iter::once(&self.seed).chain(others) {
+        for node in self.seed.iter().chain(primary.as_ref()).chain(others) {
             let attempt = tokio::time::timeout(LISTENER_CONNECT_TIMEOUT, async {
                 let mut pubsub = node.get_async_pubsub().await?;
                 pubsub.psubscribe(EVENTS_PATTERN).await?;
@@ -2130,7 +2389,7 @@ impl EventNodes {
                 Err(_) => last_error = Some(timed_out_redis(LISTENER_CONNECT_TIMEOUT)),
             }
         }
-        Err(last_error.expect("the URL's node is always tried"))
+        Err(last_error.expect("the URL's node or the primary is always tried"))
     }
 
     /// Asks `node` which nodes its cluster has, on a separate connection (a subscribed one
@@ -2148,10 +2407,13 @@ impl EventNodes {
         match topology {
             Ok(Ok(Topology::Standalone)) => self.known = KnownNodes::Standalone,
             Ok(Ok(Topology::Cluster(nodes))) => {
-                let seed = self.seed.get_connection_info().addr();
+                let seed = self
+                    .seed
+                    .as_ref()
+                    .map(|seed| seed.get_connection_info().addr());
                 let others = nodes
                     .into_iter()
-                    .filter(|info| info.addr() != seed)
+                    .filter(|info| Some(info.addr()) != seed)
                     .filter_map(|info| redis::Client::open(info).ok())
                     .collect();
                 self.known = KnownNodes::Cluster(others);

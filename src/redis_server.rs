@@ -1,5 +1,6 @@
 //! A real `redis-server` child process on a free loopback port, for tests, benchmarks and
-//! the `demo` command, and a small Redis Cluster of such processes ([`RedisCluster`]).
+//! the `demo` command, a small Redis Cluster of such processes ([`RedisCluster`]), and a
+//! primary with a replica watched by three `redis-sentinel` processes ([`RedisSentinels`]).
 //!
 //! The process is killed when the [`RedisServer`] is dropped, so a panicking test does not
 //! leave a server behind.
@@ -46,6 +47,9 @@ pub enum RedisServerError {
     /// The nodes did not all report `cluster_state:ok` in time.
     #[error("the Redis Cluster was not ready within {timeout:?}: {state}")]
     ClusterNotReady { timeout: Duration, state: String },
+    /// The replica or the sentinels did not reach the state a failover needs in time.
+    #[error("the Redis Sentinel set was not ready within {timeout:?}: {state}")]
+    SentinelNotReady { timeout: Duration, state: String },
 }
 
 /// How to run the server.
@@ -73,6 +77,8 @@ pub struct RedisServer {
     options: RedisServerOptions,
     port: u16,
     cluster: Option<ClusterNode>,
+    /// The port of the primary this server replicates (`--replicaof`).
+    replica_of: Option<u16>,
     child: Option<Child>,
 }
 
@@ -106,17 +112,18 @@ impl RedisServer {
         if let Some(dir) = &options.data_dir {
             std::fs::create_dir_all(dir)?;
         }
-        Self::start_on_free_ports(options, None)
+        Self::start_on_free_ports(options, None, None)
     }
 
     /// A cluster node keeping its cluster view in `dir`.
     fn start_cluster_node(dir: &Path) -> Result<Self, RedisServerError> {
-        Self::start_on_free_ports(RedisServerOptions::default(), Some(dir))
+        Self::start_on_free_ports(RedisServerOptions::default(), Some(dir), None)
     }
 
     fn start_on_free_ports(
         options: RedisServerOptions,
         cluster_dir: Option<&Path>,
+        replica_of: Option<u16>,
     ) -> Result<Self, RedisServerError> {
         let mut last_error = None;
         for _ in 0..PORT_ATTEMPTS {
@@ -137,6 +144,7 @@ impl RedisServer {
                 options: options.clone(),
                 port,
                 cluster,
+                replica_of,
                 child: None,
             };
             match server.spawn_and_wait() {
@@ -235,6 +243,11 @@ impl RedisServer {
             None => {
                 command.args(["--appendonly", "no"]);
             }
+        }
+        if let Some(primary) = self.replica_of {
+            command
+                .args(["--replicaof", "127.0.0.1"])
+                .arg(primary.to_string());
         }
         if let Some(node) = &self.cluster {
             command
@@ -460,6 +473,288 @@ impl Drop for RedisCluster {
 }
 
 /// A plain connection to a local node, for setting up the cluster.
+/// The master name the sentinels of a [`RedisSentinels`] monitor.
+pub const SENTINEL_MASTER_NAME: &str = "egress-scaler";
+/// How long a fresh Sentinel set may take until the replica is in sync and every sentinel
+/// knows the replica and the other two sentinels (they announce themselves every 2 s).
+const SENTINEL_READY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A primary and a replica (`redis-server`), watched by three `redis-sentinel` processes
+/// (quorum 2), all on free loopback ports, for failover tests. The servers keep an
+/// append-only file (as a Redis pod with a volume), each in its own directory. The sentinels declare the
+/// primary down after `down-after-milliseconds` 1000 of silence, so a failover completes
+/// within a few seconds. Everything is killed and the sentinels' files removed on drop.
+/// Needs Debian's `redis-sentinel` (scripts/ensure-redis installs it).
+#[derive(Debug)]
+pub struct RedisSentinels {
+    dir: PathBuf,
+    /// The first primary, then its replica; which one is primary changes on failover.
+    servers: Vec<RedisServer>,
+    sentinels: Vec<SentinelProcess>,
+}
+
+/// One `redis-sentinel` child process.
+#[derive(Debug)]
+struct SentinelProcess {
+    port: u16,
+    child: Child,
+}
+
+impl RedisSentinels {
+    /// Starts the primary, its replica and three sentinels, and waits until a failover
+    /// could happen.
+    pub fn start() -> Result<Self, RedisServerError> {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "egress-scaler-sentinel-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)?;
+        let mut set = RedisSentinels {
+            dir,
+            servers: Vec::new(),
+            sentinels: Vec::new(),
+        };
+        // Each server in a directory of its own: a replica writes the primary's snapshot to
+        // its directory, which a server started later in the same one would load.
+        let options = |name: &str| -> io::Result<RedisServerOptions> {
+            let data_dir = set.dir.join(name);
+            std::fs::create_dir_all(&data_dir)?;
+            Ok(RedisServerOptions {
+                data_dir: Some(data_dir),
+                ..RedisServerOptions::default()
+            })
+        };
+        let (primary_options, replica_options) = (options("primary")?, options("replica")?);
+        let primary = RedisServer::start_on_free_ports(primary_options, None, None)?;
+        let primary_port = primary.port();
+        set.servers.push(primary);
+        set.servers.push(RedisServer::start_on_free_ports(
+            replica_options,
+            None,
+            Some(primary_port),
+        )?);
+        for _ in 0..3 {
+            let sentinel = set.spawn_sentinel(primary_port)?;
+            set.sentinels.push(sentinel);
+        }
+        set.wait_until_ready(primary_port)?;
+        Ok(set)
+    }
+
+    fn spawn_sentinel(&self, primary_port: u16) -> Result<SentinelProcess, RedisServerError> {
+        let mut last_error = None;
+        for _ in 0..PORT_ATTEMPTS {
+            let port = free_port()?;
+            // Sentinel rewrites its configuration file: one per process, in the set's dir.
+            let config = self.dir.join(format!("sentinel-{port}.conf"));
+            std::fs::write(
+                &config,
+                format!(
+                    "port {port}\nbind 127.0.0.1\ndaemonize no\nloglevel warning\n\
+                     sentinel monitor {SENTINEL_MASTER_NAME} 127.0.0.1 {primary_port} 2\n\
+                     sentinel down-after-milliseconds {SENTINEL_MASTER_NAME} 1000\n\
+                     sentinel failover-timeout {SENTINEL_MASTER_NAME} 5000\n\
+                     sentinel parallel-syncs {SENTINEL_MASTER_NAME} 1\n"
+                ),
+            )?;
+            let binary = PathBuf::from("redis-sentinel");
+            let mut child = Command::new(&binary)
+                .arg(&config)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .map_err(|error| {
+                    if error.kind() == io::ErrorKind::NotFound {
+                        RedisServerError::NotInstalled { binary }
+                    } else {
+                        RedisServerError::Io(error)
+                    }
+                })?;
+            let deadline = Instant::now() + READY_TIMEOUT;
+            loop {
+                if let Some(status) = child.try_wait()? {
+                    last_error = Some(RedisServerError::Exited { port, status });
+                    break;
+                }
+                if answers_ping(port) {
+                    return Ok(SentinelProcess { port, child });
+                }
+                if Instant::now() >= deadline {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    return Err(RedisServerError::NotReady {
+                        port,
+                        timeout: READY_TIMEOUT,
+                    });
+                }
+                thread::sleep(Duration::from_millis(20));
+            }
+        }
+        Err(last_error.expect("at least one attempt was made"))
+    }
+
+    /// Waits until the replica is in sync and every sentinel sees the replica and the
+    /// other sentinels.
+    fn wait_until_ready(&self, primary_port: u16) -> Result<(), RedisServerError> {
+        let deadline = Instant::now() + SENTINEL_READY_TIMEOUT;
+        loop {
+            let state = self.readiness(primary_port);
+            match state {
+                Ok(None) => return Ok(()),
+                Ok(Some(_)) | Err(_) if Instant::now() < deadline => {
+                    thread::sleep(Duration::from_millis(100));
+                }
+                Ok(Some(state)) => {
+                    return Err(RedisServerError::SentinelNotReady {
+                        timeout: SENTINEL_READY_TIMEOUT,
+                        state,
+                    });
+                }
+                Err(error) => {
+                    return Err(RedisServerError::SentinelNotReady {
+                        timeout: SENTINEL_READY_TIMEOUT,
+                        state: error.to_string(),
+                    });
+                }
+            }
+        }
+    }
+
+    /// `None` when ready, else what is still missing.
+    fn readiness(&self, primary_port: u16) -> Result<Option<String>, RedisServerError> {
+        let replica = self
+            .servers
+            .iter()
+            .find(|server| server.port() != primary_port)
+            .expect("two servers");
+        let info: String = redis::cmd("INFO")
+            .arg("replication")
+            .query(&mut node_connection(replica.port())?)?;
+        if !info.contains("master_link_status:up") {
+            return Ok(Some("the replica is not in sync".to_owned()));
+        }
+        for sentinel in &self.sentinels {
+            let master: std::collections::HashMap<String, String> = redis::cmd("SENTINEL")
+                .arg("MASTER")
+                .arg(SENTINEL_MASTER_NAME)
+                .query(&mut node_connection(sentinel.port)?)?;
+            let count = |field: &str| {
+                master
+                    .get(field)
+                    .and_then(|value| value.parse::<usize>().ok())
+                    .unwrap_or(0)
+            };
+            if count("num-slaves") < 1 || count("num-other-sentinels") < 2 {
+                return Ok(Some(format!(
+                    "sentinel {} sees {} replica(s) and {} other sentinel(s)",
+                    sentinel.port,
+                    master.get("num-slaves").map_or("?", String::as_str),
+                    master
+                        .get("num-other-sentinels")
+                        .map_or("?", String::as_str),
+                )));
+            }
+        }
+        Ok(None)
+    }
+
+    /// `redis+sentinel://127.0.0.1:A,127.0.0.1:B,127.0.0.1:C/egress-scaler`.
+    pub fn url(&self) -> String {
+        let hosts: Vec<String> = self
+            .sentinels
+            .iter()
+            .map(|sentinel| format!("127.0.0.1:{}", sentinel.port))
+            .collect();
+        format!(
+            "redis+sentinel://{}/{SENTINEL_MASTER_NAME}",
+            hosts.join(",")
+        )
+    }
+
+    /// The port of the primary the first answering sentinel names.
+    pub fn primary_port(&self) -> Result<u16, RedisServerError> {
+        let mut last_error = None;
+        for sentinel in &self.sentinels {
+            let asked = node_connection(sentinel.port).and_then(|mut connection| {
+                let (_, port): (String, u16) = redis::cmd("SENTINEL")
+                    .arg("GET-MASTER-ADDR-BY-NAME")
+                    .arg(SENTINEL_MASTER_NAME)
+                    .query(&mut connection)?;
+                Ok(port)
+            });
+            match asked {
+                Ok(port) => return Ok(port),
+                Err(error) => last_error = Some(error),
+            }
+        }
+        Err(last_error.expect("three sentinels"))
+    }
+
+    /// The ports of the two servers, the first primary first.
+    pub fn server_ports(&self) -> Vec<u16> {
+        self.servers.iter().map(RedisServer::port).collect()
+    }
+
+    /// The server listening on `port` (the primary or the replica).
+    pub fn server_mut(&mut self, port: u16) -> Option<&mut RedisServer> {
+        self.servers.iter_mut().find(|server| server.port() == port)
+    }
+
+    /// Kills the current primary (like a crash) and returns its port.
+    pub fn kill_primary(&mut self) -> Result<u16, RedisServerError> {
+        let port = self.primary_port()?;
+        if let Some(server) = self.server_mut(port) {
+            server.stop();
+        }
+        Ok(port)
+    }
+
+    /// Waits until the sentinels name a primary other than `old_port` and it says it is
+    /// a primary; returns its port.
+    pub fn wait_for_failover(
+        &self,
+        old_port: u16,
+        timeout: Duration,
+    ) -> Result<u16, RedisServerError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(port) = self.primary_port()
+                && port != old_port
+                && let Ok(mut connection) = node_connection(port)
+                && let Ok(role) = redis::cmd("ROLE").query::<redis::Value>(&mut connection)
+                && matches!(&role, redis::Value::Array(items)
+                    if matches!(items.first(), Some(redis::Value::BulkString(role)) if role == b"master"))
+            {
+                return Ok(port);
+            }
+            if Instant::now() >= deadline {
+                return Err(RedisServerError::SentinelNotReady {
+                    timeout,
+                    state: format!("no failover away from port {old_port}"),
+                });
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for RedisSentinels {
+    fn drop(&mut self) {
+        for sentinel in &mut self.sentinels {
+            let _ = sentinel.child.kill();
+            let _ = sentinel.child.wait();
+        }
+        for server in &mut self.servers {
+            server.stop();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
 fn node_connection(port: u16) -> Result<redis::Connection, RedisServerError> {
     let client = redis::Client::open(format!("redis://127.0.0.1:{port}/"))?;
     let connection = client.get_connection_with_timeout(Duration::from_secs(1))?;

@@ -174,11 +174,11 @@ pub async fn start(config: ServeConfig, shutdown: CancellationToken) -> anyhow::
 
     let (events, _) = broadcast::channel(1024);
     {
-        let client = store.client().clone();
+        let source = store.event_source();
         let events = events.clone();
         let token = shutdown.clone();
         tasks.spawn(async move {
-            queue::run_event_listener(client, events, token).await;
+            queue::run_event_listener(source, events, token).await;
             Ok(())
         });
     }
