@@ -1111,7 +1111,7 @@ impl QueueStore {
         match &self.backend {
             Backend::Sentinel(sentinel) => EventSource(Source::Sentinel(Arc::clone(sentinel))),
             Backend::Standalone(_) | Backend::Cluster(_) => {
-                EventSource(Source::Node(self.client.clone()))
+                EventSource(Source::Node(Box::new(self.client.clone())))
             }
         }
     }
@@ -2290,7 +2290,7 @@ pub async fn run_event_listener(
 ) {
     let mut nodes = match source.into().0 {
         Source::Node(client) => EventNodes {
-            seed: Some(client),
+            seed: Some(*client),
             sentinel: None,
             known: KnownNodes::Unknown,
         },
@@ -2329,15 +2329,15 @@ pub struct EventSource(Source);
 
 #[derive(Debug, Clone)]
 enum Source {
-    /// The URL's node, and the other nodes of its cluster.
-    Node(redis::Client),
+    /// The URL's node, and the other nodes of its cluster (boxed: a client is large).
+    Node(Box<redis::Client>),
     /// The sentinels of a store in Sentinel mode.
     Sentinel(Arc<SentinelBackend>),
 }
 
 impl From<redis::Client> for EventSource {
     fn from(client: redis::Client) -> Self {
-        EventSource(Source::Node(client))
+        EventSource(Source::Node(Box::new(client)))
     }
 }
 

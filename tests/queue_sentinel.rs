@@ -239,7 +239,7 @@ async fn a_failover_keeps_every_confirmed_enqueue_and_claim_and_the_lease() {
     watched.cancel();
     watcher.await.unwrap();
 
-    let seen = seen.lock().unwrap();
+    let seen = std::mem::take(&mut *seen.lock().unwrap());
     assert_eq!(seen.acknowledged.len(), REQUESTS);
     assert!(seen.failures > 0, "the failover was never noticed");
     // Every enqueue confirmed before the failover is there after it, as confirmed.
