@@ -4,7 +4,12 @@
 //! first and changes nothing when the state is wrong, and every key of queue `q` starts with
 //! `egress-scaler:{q}:` so that all of them live in one Redis Cluster slot.
 //!
-//! # Single Redis or Redis Cluster
+//! # Single Redis, Redis Cluster or Redis Sentinel
+//!
+//! A `redis+sentinel://` or `rediss+sentinel://` URL (the `sentinel` module has its form)
+//! names sentinels instead: the store connects to the primary they name, asks them again in the
+//! background when a call finds it gone, silent or demoted, and confirms each queue script with
+//! `WAIT` on the replicas (see the README's "Redis Sentinel"). Otherwise:
 //!
 //! The URL names one node, and [`QueueStore::connect`] asks it `INFO cluster`. With
 //! `cluster_enabled:1` the store uses the redis crate's async cluster client, seeded with
