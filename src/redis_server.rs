@@ -79,6 +79,8 @@ pub struct RedisServer {
     cluster: Option<ClusterNode>,
     /// The port of the primary this server replicates (`--replicaof`).
     replica_of: Option<u16>,
+    /// The password clients and replicas must give (`--requirepass`, `--masterauth`).
+    password: Option<String>,
     child: Option<Child>,
 }
 
@@ -125,6 +127,15 @@ impl RedisServer {
         cluster_dir: Option<&Path>,
         replica_of: Option<u16>,
     ) -> Result<Self, RedisServerError> {
+        Self::start_on_free_ports_with(options, cluster_dir, replica_of, None)
+    }
+
+    fn start_on_free_ports_with(
+        options: RedisServerOptions,
+        cluster_dir: Option<&Path>,
+        replica_of: Option<u16>,
+        password: Option<&str>,
+    ) -> Result<Self, RedisServerError> {
         let mut last_error = None;
         for _ in 0..PORT_ATTEMPTS {
             let port = free_port()?;
@@ -145,6 +156,7 @@ impl RedisServer {
                 port,
                 cluster,
                 replica_of,
+                password: password.map(str::to_owned),
                 child: None,
             };
             match server.spawn_and_wait() {
@@ -243,6 +255,13 @@ impl RedisServer {
             None => {
                 command.args(["--appendonly", "no"]);
             }
+        }
+        if let Some(password) = &self.password {
+            command
+                .arg("--requirepass")
+                .arg(password)
+                .arg("--masterauth")
+                .arg(password);
         }
         if let Some(primary) = self.replica_of {
             command
@@ -488,9 +507,19 @@ const SENTINEL_READY_TIMEOUT: Duration = Duration::from_secs(30);
 #[derive(Debug)]
 pub struct RedisSentinels {
     dir: PathBuf,
+    /// Redis's password and the sentinels' own, when set.
+    passwords: SentinelPasswords,
     /// The first primary, then its replica; which one is primary changes on failover.
     servers: Vec<RedisServer>,
     sentinels: Vec<SentinelProcess>,
+}
+
+/// The passwords of a [`RedisSentinels`]: Redis's (`requirepass` of both servers, given to
+/// the sentinels as `auth-pass`) and the sentinels' own (`requirepass` of each sentinel).
+#[derive(Debug, Clone, Default)]
+pub struct SentinelPasswords {
+    pub redis: Option<String>,
+    pub sentinel: Option<String>,
 }
 
 /// One `redis-sentinel` child process.
@@ -504,6 +533,11 @@ impl RedisSentinels {
     /// Starts the primary, its replica and three sentinels, and waits until a failover
     /// could happen.
     pub fn start() -> Result<Self, RedisServerError> {
+        Self::start_with_passwords(SentinelPasswords::default())
+    }
+
+    /// As [`RedisSentinels::start`], with passwords on Redis and on the sentinels.
+    pub fn start_with_passwords(passwords: SentinelPasswords) -> Result<Self, RedisServerError> {
         static NEXT: AtomicU64 = AtomicU64::new(0);
         let dir = std::env::temp_dir().join(format!(
             "egress-scaler-sentinel-{}-{}",
@@ -514,6 +548,7 @@ impl RedisSentinels {
         std::fs::create_dir_all(&dir)?;
         let mut set = RedisSentinels {
             dir,
+            passwords,
             servers: Vec::new(),
             sentinels: Vec::new(),
         };
@@ -528,13 +563,20 @@ impl RedisSentinels {
             })
         };
         let (primary_options, replica_options) = (options("primary")?, options("replica")?);
-        let primary = RedisServer::start_on_free_ports(primary_options, None, None)?;
+        let password = set.passwords.redis.clone();
+        let primary = RedisServer::start_on_free_ports_with(
+            primary_options,
+            None,
+            None,
+            password.as_deref(),
+        )?;
         let primary_port = primary.port();
         set.servers.push(primary);
-        set.servers.push(RedisServer::start_on_free_ports(
+        set.servers.push(RedisServer::start_on_free_ports_with(
             replica_options,
             None,
             Some(primary_port),
+            password.as_deref(),
         )?);
         for _ in 0..3 {
             let sentinel = set.spawn_sentinel(primary_port)?;
@@ -550,15 +592,25 @@ impl RedisSentinels {
             let port = free_port()?;
             // Sentinel rewrites its configuration file: one per process, in the set's dir.
             let config = self.dir.join(format!("sentinel-{port}.conf"));
+            let mut auth = String::new();
+            if let Some(password) = &self.passwords.redis {
+                auth.push_str(&format!(
+                    "sentinel auth-pass {SENTINEL_MASTER_NAME} {password}\n"
+                ));
+            }
+            if let Some(password) = &self.passwords.sentinel {
+                auth.push_str(&format!("requirepass {password}\n"));
+            }
             std::fs::write(
                 &config,
+                // auth-pass names a master, so it follows the monitor line.
                 format!(
                     "port {port}\nbind 127.0.0.1\ndaemonize no\nloglevel warning\n\
                      sentinel monitor {SENTINEL_MASTER_NAME} 127.0.0.1 {primary_port} 2\n\
                      sentinel down-after-milliseconds {SENTINEL_MASTER_NAME} 1000\n\
                      sentinel failover-timeout {SENTINEL_MASTER_NAME} 5000\n\
                      sentinel parallel-syncs {SENTINEL_MASTER_NAME} 1\n"
-                ),
+                ) + &auth,
             )?;
             let binary = PathBuf::from("redis-sentinel");
             let mut child = Command::new(&binary)
@@ -633,7 +685,7 @@ impl RedisSentinels {
             .expect("two servers");
         let info: String = redis::cmd("INFO")
             .arg("replication")
-            .query(&mut node_connection(replica.port())?)?;
+            .query(&mut self.server_connection(replica.port())?)?;
         if !info.contains("master_link_status:up") {
             return Ok(Some("the replica is not in sync".to_owned()));
         }
@@ -641,7 +693,7 @@ impl RedisSentinels {
             let master: std::collections::HashMap<String, String> = redis::cmd("SENTINEL")
                 .arg("MASTER")
                 .arg(SENTINEL_MASTER_NAME)
-                .query(&mut node_connection(sentinel.port)?)?;
+                .query(&mut self.sentinel_connection(sentinel.port)?)?;
             let count = |field: &str| {
                 master
                     .get(field)
@@ -662,30 +714,49 @@ impl RedisSentinels {
         Ok(None)
     }
 
-    /// `redis+sentinel://127.0.0.1:A,127.0.0.1:B,127.0.0.1:C/egress-scaler`.
+    /// `redis+sentinel://[:PASSWORD@]127.0.0.1:A,127.0.0.1:B,127.0.0.1:C/egress-scaler`
+    /// (`?sentinel_password=...` when the sentinels have one).
     pub fn url(&self) -> String {
         let hosts: Vec<String> = self
             .sentinels
             .iter()
             .map(|sentinel| format!("127.0.0.1:{}", sentinel.port))
             .collect();
+        let auth = match &self.passwords.redis {
+            Some(password) => format!(":{password}@"),
+            None => String::new(),
+        };
+        let query = match &self.passwords.sentinel {
+            Some(password) => format!("?sentinel_password={password}"),
+            None => String::new(),
+        };
         format!(
-            "redis+sentinel://{}/{SENTINEL_MASTER_NAME}",
+            "redis+sentinel://{auth}{}/{SENTINEL_MASTER_NAME}{query}",
             hosts.join(",")
         )
+    }
+
+    fn server_connection(&self, port: u16) -> Result<redis::Connection, RedisServerError> {
+        node_connection_as(port, self.passwords.redis.as_deref())
+    }
+
+    fn sentinel_connection(&self, port: u16) -> Result<redis::Connection, RedisServerError> {
+        node_connection_as(port, self.passwords.sentinel.as_deref())
     }
 
     /// The port of the primary the first answering sentinel names.
     pub fn primary_port(&self) -> Result<u16, RedisServerError> {
         let mut last_error = None;
         for sentinel in &self.sentinels {
-            let asked = node_connection(sentinel.port).and_then(|mut connection| {
-                let (_, port): (String, u16) = redis::cmd("SENTINEL")
-                    .arg("GET-MASTER-ADDR-BY-NAME")
-                    .arg(SENTINEL_MASTER_NAME)
-                    .query(&mut connection)?;
-                Ok(port)
-            });
+            let asked = self
+                .sentinel_connection(sentinel.port)
+                .and_then(|mut connection| {
+                    let (_, port): (String, u16) = redis::cmd("SENTINEL")
+                        .arg("GET-MASTER-ADDR-BY-NAME")
+                        .arg(SENTINEL_MASTER_NAME)
+                        .query(&mut connection)?;
+                    Ok(port)
+                });
             match asked {
                 Ok(port) => return Ok(port),
                 Err(error) => last_error = Some(error),
@@ -724,7 +795,7 @@ impl RedisSentinels {
         loop {
             if let Ok(port) = self.primary_port()
                 && port != old_port
-                && let Ok(mut connection) = node_connection(port)
+                && let Ok(mut connection) = self.server_connection(port)
                 && let Ok(role) = redis::cmd("ROLE").query::<redis::Value>(&mut connection)
                 && matches!(&role, redis::Value::Array(items)
                     if matches!(items.first(), Some(redis::Value::BulkString(role)) if role == b"master"))
@@ -756,7 +827,15 @@ impl Drop for RedisSentinels {
 }
 
 fn node_connection(port: u16) -> Result<redis::Connection, RedisServerError> {
-    let client = redis::Client::open(format!("redis://127.0.0.1:{port}/"))?;
+    node_connection_as(port, None)
+}
+
+fn node_connection_as(
+    port: u16,
+    password: Option<&str>,
+) -> Result<redis::Connection, RedisServerError> {
+    let auth = password.map_or(String::new(), |password| format!(":{password}@"));
+    let client = redis::Client::open(format!("redis://{auth}127.0.0.1:{port}/"))?;
     let connection = client.get_connection_with_timeout(Duration::from_secs(1))?;
     connection.set_read_timeout(Some(Duration::from_secs(2)))?;
     Ok(connection)
@@ -775,9 +854,10 @@ fn answers_ping(port: u16) -> bool {
         let mut stream = TcpStream::connect_timeout(&address, Duration::from_millis(200))?;
         stream.set_read_timeout(Some(Duration::from_millis(500)))?;
         stream.write_all(b"PING\r\n")?;
+        // `+PONG`, or `-NOAUTH ...` from a server with a password: it answers either way.
         let mut reply = [0u8; 7];
         stream.read_exact(&mut reply)?;
-        Ok(&reply == b"+PONG\r\n")
+        Ok(&reply == b"+PONG\r\n" || reply.starts_with(b"-NOAUTH"))
     };
     attempt().unwrap_or(false)
 }

@@ -12,7 +12,7 @@ use egress_scaler::queue::{
     NewRequest, QueueError, QueueEvent, QueueName, QueueStore, StartOutcome, StoreOptions,
     TicketId, TicketState, run_event_listener,
 };
-use egress_scaler::redis_server::RedisSentinels;
+use egress_scaler::redis_server::{RedisSentinels, SentinelPasswords};
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
@@ -358,4 +358,47 @@ async fn a_sentinel_url_naming_no_known_master_fails_to_connect() {
     let url = set.url().replace("/egress-scaler", "/no-such-master");
     let error = QueueStore::connect(&url, options()).await.unwrap_err();
     assert!(matches!(error, QueueError::Unavailable(_)), "{error}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn passwords_on_redis_and_on_the_sentinels_are_given_through_the_url() {
+    let passwords = SentinelPasswords {
+        redis: Some("redis-pw".to_owned()),
+        sentinel: Some("sentinel-pw".to_owned()),
+    };
+    let mut set = tokio::task::block_in_place(|| RedisSentinels::start_with_passwords(passwords))
+        .expect("sentinels start");
+    let url = set.url();
+    assert!(url.contains(":redis-pw@") && url.ends_with("?sentinel_password=sentinel-pw"));
+    let store = QueueStore::connect(&url, options()).await.unwrap();
+    let queue = queue();
+    let kept = store.enqueue(&queue, request("kept"), T0).await.unwrap();
+
+    // Each password is needed where it goes.
+    for wrong in [
+        url.replace(":redis-pw@", ":wrong@"),
+        url.replace("sentinel-pw", "wrong"),
+        url.replace(":redis-pw@", ""),
+    ] {
+        let error = QueueStore::connect(&wrong, options()).await.unwrap_err();
+        assert!(matches!(error, QueueError::Unavailable(_)), "{error}");
+    }
+
+    // A failover with passwords: the sentinels authenticate to the replica they promote, and
+    // the store to the new primary.
+    let old = tokio::task::block_in_place(|| set.kill_primary()).unwrap();
+    tokio::task::block_in_place(|| set.wait_for_failover(old, FAILOVER_LIMIT)).unwrap();
+    let deadline = Instant::now() + FAILOVER_LIMIT;
+    loop {
+        match store.get(&kept.ticket).await {
+            Ok(found) => {
+                assert!(found.is_some(), "the confirmed enqueue survived");
+                break;
+            }
+            Err(_) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await
+            }
+            Err(error) => panic!("no answer from the new primary: {error}"),
+        }
+    }
 }
