@@ -73,6 +73,8 @@ fn every_policy_gets_a_row_and_the_files_are_written() {
     assert_eq!(policies.len(), 5);
     assert_eq!(json["sweep"].as_array().unwrap().len(), 2);
     assert_eq!(json["requests"], 100);
+    assert_eq!(json["ceiling"], 100);
+    assert_eq!(json["ceiling_needed"]["pods"], 100);
     let ours = &policies[0];
     assert_eq!(ours["policy"], "egress-scaler");
     assert_eq!(ours["starts"], 100);

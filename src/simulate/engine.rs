@@ -1165,6 +1165,41 @@ mod tests {
     }
 
     #[test]
+    fn during_a_scaler_outage_keda_keeps_the_count_or_falls_back() {
+        // A recording at 10 s; the scaler's reads fail from 5 s to 300 s, so the push stream
+        // stays quiet. KEDA polls every 15 s from 3 s (18, 33, 48, 63 s...). The shipped
+        // fallback (threshold 3) counts the trigger as active at the fourth failed poll, 63 s:
+        // 0 -> 1, ready at 93 s, and the dispatcher (which reads the queue, not the scaler)
+        // places it at its next fleet refresh, 94.6 s.
+        let trace = trace(&[(10_000, EgressKind::RoomComposite, 10 * MINUTE)]);
+        let options = SimOptions {
+            scaler_outages: vec![(5_000, 300_000)],
+            ..SimOptions::default()
+        };
+        let outcome = run(&trace, Policy::EgressScaler, &options);
+        assert_eq!(outcome.pods[0].created, 63_000);
+        assert_eq!(outcome.starts[0].placed, 94_600);
+        // Without a fallback KEDA keeps 0 replicas while blind: the pod comes with the first
+        // good read after the outage, the push at the fleet refresh of 300.6 s.
+        let mut blind = options.clone();
+        blind.egress_scaler.keda.fallback = None;
+        let outcome = run(&trace, Policy::EgressScaler, &blind);
+        assert_eq!(outcome.pods[0].created, 300_600);
+        // And a running fleet is kept: the outage from 100 s on never scales the busy pod
+        // away, with or without the fallback.
+        for fallback in [options.egress_scaler.keda.fallback, None] {
+            let mut later = SimOptions {
+                scaler_outages: vec![(100_000, 2_000_000)],
+                ..SimOptions::default()
+            };
+            later.egress_scaler.keda.fallback = fallback;
+            let outcome = run(&trace, Policy::EgressScaler, &later);
+            let pod = outcome.pods[0];
+            assert!(pod.terminated.is_none_or(|at| at >= 2_000_000), "{pod:?}");
+        }
+    }
+
+    #[test]
     fn a_pod_removed_while_recording_drains_and_takes_nothing_new() {
         // keda-redis-list scales on the queue length only: once both recordings started the
         // metric is 0, and after the stabilization window and KEDA's cooldown both pods are

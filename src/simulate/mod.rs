@@ -507,6 +507,13 @@ fn write_files(
         "cold_start_seconds": config.options.cold_start as f64 / 1000.0,
         "hpa_sync_seconds": config.options.hpa_sync as f64 / 1000.0,
         "settings": config.options.settings,
+        "ceiling": config.options.ceiling,
+        "hpa_tolerance": config.options.tolerance.default,
+        "per_hpa_tolerance": config.options.tolerance.per_hpa,
+        "ceiling_needed": result.ceiling_needed.map(|needed| serde_json::json!({
+            "pods": needed.pods,
+            "wait_p99_seconds": needed.wait_p99_seconds,
+        })),
         "policies": result.rows,
         "sweep": result.sweep,
     });
