@@ -1165,6 +1165,36 @@ mod tests {
     }
 
     #[test]
+    fn a_cluster_ignoring_the_scaled_objects_tolerance_holds_the_11th_pod_back() {
+        // Ten hour-long recordings, then an 11th at 600 s: 11 wanted at 10 replicas is a ratio
+        // of exactly 1.1, inside the 10 % tolerance. With the shipped `tolerance: 0` honoured
+        // the 11th pod comes at the next HPA sync; ignored, the request waits until a
+        // recording ends and frees a pod.
+        let mut arrivals: Vec<(Millis, EgressKind, Millis)> = (0..10)
+            .map(|i| (i * 1_000, EgressKind::RoomComposite, 60 * MINUTE))
+            .collect();
+        arrivals.push((600_000, EgressKind::RoomComposite, 10 * MINUTE));
+        let trace = trace(&arrivals);
+        let honoured = run(&trace, Policy::EgressScaler, &SimOptions::default());
+        assert_eq!(honoured.pods.len(), 11);
+        assert!(honoured.waits.iter().all(|&wait| wait < 50_000));
+        let options = SimOptions {
+            tolerance: crate::kube::ClusterTolerance {
+                default: 0.1,
+                per_hpa: false,
+            },
+            ..SimOptions::default()
+        };
+        let ignored = run(&trace, Policy::EgressScaler, &options);
+        let last = ignored
+            .starts
+            .iter()
+            .find(|start| start.request == 10)
+            .unwrap();
+        assert!(last.placed >= 3_600_000, "placed at {}", last.placed);
+    }
+
+    #[test]
     fn during_a_scaler_outage_keda_keeps_the_count_or_falls_back() {
         // A recording at 10 s; the scaler's reads fail from 5 s to 300 s, so the push stream
         // stays quiet. KEDA polls every 15 s from 3 s (18, 33, 48, 63 s...). The shipped
