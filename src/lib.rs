@@ -14,6 +14,8 @@
 //! - [`tls`]: TLS and mutual TLS of the gRPC listener, certificates reloaded on change.
 //! - [`telemetry`]: the metrics registry and logging.
 //! - [`server`]: `serve`, wiring the above with one shutdown token.
+//! - [`kube`]: KEDA, the HPA and the ReplicaSet as the real controllers decide, pure: the one
+//!   model of Kubernetes under `simulate` and the demo.
 //! - [`simulate`]: scaling policies side by side on a trace, in virtual time, over [`model`].
 //! - [`cli`]: the subcommands, `enqueue` and `status` as clients of the HTTP API.
 //! - [`demo`]: `demo`, a burst of recordings played on this machine against stand-ins.
@@ -29,6 +31,7 @@ pub mod egress_redact;
 pub mod egress_request;
 pub mod fleet;
 pub mod intake;
+pub mod kube;
 pub mod model;
 pub mod queue;
 pub mod redis_server;
