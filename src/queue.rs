@@ -107,6 +107,7 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 use crate::egress_request::StartRequest;
 use crate::model::{Demand, EgressKind};
 
+mod held;
 mod served;
 pub use served::{InvalidServedQueues, MAX_SERVED_QUEUES, ServedQueues, UnservedQueue};
 
