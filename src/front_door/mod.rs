@@ -60,6 +60,10 @@ use self::waiters::Waiters;
 /// `--queue`).
 pub const QUEUE_HEADER: &str = "x-egress-scaler-queue";
 
+/// The header of a start's answer naming its ticket (for `GET /v1/requests/{ticket}`); SDKs
+/// ignore it.
+pub const TICKET_HEADER: &str = "x-egress-scaler-ticket";
+
 /// How long the ticket a caller was told to call again for is remembered.
 pub const HELD_MEMORY: Duration = Duration::from_secs(120);
 
@@ -267,7 +271,11 @@ impl FrontDoor {
         match (ticket.state, &ticket.egress_id) {
             (TicketState::Active | TicketState::Ended, Some(egress_id)) => {
                 let info = self.egress_info(&ticket, egress_id).await;
-                Ok(encoding.answer(&info))
+                let mut answer = encoding.answer(&info);
+                if let Ok(value) = header::HeaderValue::from_str(ticket.id.as_str()) {
+                    answer.headers_mut().insert(TICKET_HEADER, value);
+                }
+                Ok(answer)
             }
             (TicketState::Failed, _) => {
                 let error = ticket.error.unwrap_or_else(|| "the request failed".to_owned());
