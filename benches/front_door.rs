@@ -67,7 +67,12 @@ struct Served {
 }
 
 impl Served {
-    fn start(redis: &RedisServer, livekit: &LiveKitServerStandIn, metrics: &[String], hold: &str) -> Served {
+    fn start(
+        redis: &RedisServer,
+        livekit: &LiveKitServerStandIn,
+        metrics: &[String],
+        hold: &str,
+    ) -> Served {
         let http = free_port();
         let child = Command::new(env!("CARGO_BIN_EXE_egress-scaler"))
             .args(["serve", "--redis-url", &redis.url()])
@@ -101,7 +106,13 @@ impl Served {
             status
                 .lines()
                 .find_map(|line| line.strip_prefix(name))
-                .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+                .and_then(|rest| {
+                    rest.trim()
+                        .trim_end_matches("kB")
+                        .trim()
+                        .parse::<f64>()
+                        .ok()
+                })
                 .map_or(0.0, |kb| kb / 1024.0)
         };
         (field("VmRSS:"), field("VmHWM:"))
@@ -146,7 +157,9 @@ async fn standin(pods: Vec<EgressPodStandIn>) -> LiveKitServerStandIn {
 
 async fn start(client: &reqwest::Client, base: &str, token: &str, room: &str) -> (u16, Value) {
     let answer = client
-        .post(format!("{base}/twirp/livekit.Egress/StartRoomCompositeEgress"))
+        .post(format!(
+            "{base}/twirp/livekit.Egress/StartRoomCompositeEgress"
+        ))
         .bearer_auth(token)
         .json(&json!({
             "roomName": room,
@@ -230,7 +243,10 @@ async fn held(count: usize) -> ((f64, f64), (f64, f64), Duration) {
     };
     let deadline = Instant::now() + Duration::from_secs(60);
     while status_of().await < count as u64 {
-        assert!(Instant::now() < deadline, "the held starts were not all queued");
+        assert!(
+            Instant::now() < deadline,
+            "the held starts were not all queued"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let queued_in = began.elapsed();
@@ -253,18 +269,27 @@ fn main() {
         .expect("tokio runtime");
     let (direct, front) = runtime.block_on(latency(samples));
     println!("StartRoomCompositeEgress with a free pod, {samples} sequential calls (Twirp JSON):");
-    println!("| path | p50 | p99 | max |");
-    println!("|---|---|---|---|");
-    for (name, values) in [("straight to the stand-in", &direct), ("through egress-scaler", &front)] {
+    println!("| path | p50 | p90 | p99 | max |");
+    println!("|---|---|---|---|---|");
+    for (name, values) in [
+        ("straight to the stand-in", &direct),
+        ("through egress-scaler", &front),
+    ] {
         println!(
-            "| {name} | {} | {} | {} |",
+            "| {name} | {} | {} | {} | {} |",
             ms(percentile(values, 0.50)),
+            ms(percentile(values, 0.90)),
             ms(percentile(values, 0.99)),
             ms(*values.last().expect("samples"))
         );
     }
     let added = |p| percentile(&front, p).saturating_sub(percentile(&direct, p));
-    println!("| added by the front door | {} | {} | |", ms(added(0.50)), ms(added(0.99)));
+    println!(
+        "| added by the front door | {} | {} | {} | |",
+        ms(added(0.50)),
+        ms(added(0.90)),
+        ms(added(0.99))
+    );
     println!();
     let (idle, holding, queued_in) = runtime.block_on(held(count));
     println!("egress-scaler serve resident memory (no egress pod):");
@@ -277,5 +302,8 @@ fn main() {
         holding.0,
         holding.1
     );
-    println!("| added by the held starts | {:.1} MB | |", holding.0 - idle.0);
+    println!(
+        "| added by the held starts | {:.1} MB | |",
+        holding.0 - idle.0
+    );
 }

@@ -244,6 +244,7 @@ pub async fn start(config: ServeConfig, shutdown: CancellationToken) -> anyhow::
     let front_door = Arc::new(
         FrontDoor::new(
             config.hold,
+            shutdown.clone(),
             config.livekit_url.as_deref(),
             config.credentials.as_ref(),
             config.livekit_call_timeout,

@@ -244,26 +244,34 @@ impl World {
 }
 
 fn error_code(answer: &Value) -> &str {
-    answer["error"]["code"].as_str().unwrap_or_else(|| panic!("no error: {answer}"))
+    answer["error"]["code"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no error: {answer}"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_start_with_a_free_pod_answers_the_started_egress_and_other_calls_pass_through() {
     let world = World::start(1, 0, &[]).await;
     let url = world.url();
+    world.livekit.create_room("standup");
 
     let started = sdk(Sdk::Python, &url, SECRET, "start_room", &["standup"]).await;
     assert!(started.get("error").is_none(), "{started}");
     let egress_id = started["egress_id"].as_str().unwrap().to_owned();
     assert_eq!(world.started_in("standup"), vec![egress_id.clone()]);
     assert_eq!(started["room_name"], "standup", "{started}");
-    // livekit-server's own EgressInfo: the room's sid is known only to it.
+    // livekit-server's own EgressInfo: the room's sid and the start time are known only to it.
+    let info = world.livekit.egress(&egress_id).unwrap();
+    assert_eq!(started["room_id"], info.room_id.as_str(), "{started}");
     assert_eq!(
-        started["room_id"],
-        world.livekit.egress(&egress_id).unwrap().room_id.as_str(),
+        started["started_at"],
+        info.started_at.to_string(),
         "{started}"
     );
-    assert!(!started["room_id"].as_str().unwrap().is_empty(), "{started}");
+    assert!(
+        !started["room_id"].as_str().unwrap().is_empty(),
+        "{started}"
+    );
     assert!(
         ["EGRESS_STARTING", "EGRESS_ACTIVE"].contains(&started["status"].as_str().unwrap()),
         "{started}"
@@ -272,7 +280,11 @@ async fn python_start_with_a_free_pod_answers_the_started_egress_and_other_calls
     // ListEgress and StopEgress reach livekit-server with the caller's own token.
     let lists = world.livekit.list_calls();
     let listed = sdk(Sdk::Python, &url, SECRET, "list", &["standup"]).await;
-    assert_eq!(listed["items"][0]["egress_id"], egress_id.as_str(), "{listed}");
+    assert_eq!(
+        listed["items"][0]["egress_id"],
+        egress_id.as_str(),
+        "{listed}"
+    );
     assert!(world.livekit.list_calls() > lists);
     let stopped = sdk(Sdk::Python, &url, SECRET, "stop", &[&egress_id]).await;
     assert_eq!(stopped["egress_id"], egress_id.as_str(), "{stopped}");
@@ -300,7 +312,11 @@ async fn node_start_with_a_free_pod_answers_the_started_egress_and_other_calls_p
     assert_eq!(world.started_in("retro"), vec![egress_id.clone()]);
 
     let listed = sdk(Sdk::Node, &url, SECRET, "list", &["retro"]).await;
-    assert_eq!(listed["items"][0]["egress_id"], egress_id.as_str(), "{listed}");
+    assert_eq!(
+        listed["items"][0]["egress_id"],
+        egress_id.as_str(),
+        "{listed}"
+    );
     let stopped = sdk(Sdk::Node, &url, SECRET, "stop", &[&egress_id]).await;
     assert_eq!(stopped["egress_id"], egress_id.as_str(), "{stopped}");
     assert!(
@@ -310,7 +326,14 @@ async fn node_start_with_a_free_pod_answers_the_started_egress_and_other_calls_p
         .await
     );
     // A wrong secret: livekit-server's answer to the SDK, through the front door.
-    let refused = sdk(Sdk::Node, &url, "wrong-secret-wrong-secret-wrong-0", "start_room", &["x"]).await;
+    let refused = sdk(
+        Sdk::Node,
+        &url,
+        "wrong-secret-wrong-secret-wrong-0",
+        "start_room",
+        &["x"],
+    )
+    .await;
     assert_eq!(refused["error"]["status"], 401, "{refused}");
     assert_eq!(world.depth().await, 0);
     world.server.stop().await;
@@ -327,11 +350,17 @@ async fn a_start_without_a_pod_is_held_until_one_comes_and_the_same_call_answers
     };
     // The call is held: queued, nothing started.
     assert!(
-        eventually(Duration::from_secs(5), || async { world.depth().await == 1 }).await,
+        eventually(Duration::from_secs(5), || async {
+            world.depth().await == 1
+        })
+        .await,
         "the start was not queued"
     );
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    assert!(!call.is_finished(), "the call was answered before a pod came");
+    assert!(
+        !call.is_finished(),
+        "the call was answered before a pod came"
+    );
     assert!(world.started_in("held").is_empty());
 
     world.pod_comes().await;
@@ -355,7 +384,10 @@ async fn a_retry_after_unavailable_waits_for_the_same_ticket_and_records_once() 
     assert_eq!(error_code(&first), "unavailable", "{first}");
     assert_eq!(first["error"]["status"], 503, "{first}");
     let message = first["error"]["message"].as_str().unwrap();
-    let ticket = first["error"]["meta"]["ticket"].as_str().unwrap().to_owned();
+    let ticket = first["error"]["meta"]["ticket"]
+        .as_str()
+        .unwrap()
+        .to_owned();
     assert!(
         message.contains(&format!("queued as ticket {ticket}, position 1"))
             && message.contains("call again to wait for it"),
@@ -368,7 +400,10 @@ async fn a_retry_after_unavailable_waits_for_the_same_ticket_and_records_once() 
     let second = sdk(Sdk::Node, &url, SECRET, "start_room", &["board"]).await;
     assert_eq!(error_code(&second), "unavailable", "{second}");
     assert!(
-        second["error"]["message"].as_str().unwrap().contains(&ticket),
+        second["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains(&ticket),
         "{second}"
     );
     assert_eq!(world.depth().await, 1);
@@ -394,19 +429,36 @@ async fn bad_tokens_and_bad_requests_get_twirp_errors_and_queue_nothing() {
     let world = World::start(0, 1, &[]).await;
     let url = world.url();
 
-    let refused = sdk(Sdk::Python, &url, "wrong-secret-wrong-secret-wrong-0", "start_room", &["a"]).await;
+    let refused = sdk(
+        Sdk::Python,
+        &url,
+        "wrong-secret-wrong-secret-wrong-0",
+        "start_room",
+        &["a"],
+    )
+    .await;
     assert_eq!(error_code(&refused), "unauthenticated", "{refused}");
     assert_eq!(refused["error"]["status"], 401, "{refused}");
 
     let bad = sdk(Sdk::Python, &url, SECRET, "start_track", &["a", ""]).await;
     assert_eq!(error_code(&bad), "invalid_argument", "{bad}");
     assert_eq!(bad["error"]["status"], 400, "{bad}");
-    assert!(bad["error"]["message"].as_str().unwrap().contains("track_id"), "{bad}");
+    assert!(
+        bad["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("track_id"),
+        "{bad}"
+    );
     assert_eq!(bad["error"]["meta"]["argument"], "track_id", "{bad}");
 
     // Without roomRecord: livekit-server's answer.
     let response = http_client()
-        .post(world.server.http("/twirp/livekit.Egress/StartRoomCompositeEgress"))
+        .post(
+            world
+                .server
+                .http("/twirp/livekit.Egress/StartRoomCompositeEgress"),
+        )
         .bearer_auth(token(SECRET, false))
         .json(&json!({"roomName": "a"}))
         .send()
@@ -415,16 +467,30 @@ async fn bad_tokens_and_bad_requests_get_twirp_errors_and_queue_nothing() {
     assert_eq!(response.status(), 401);
     assert_eq!(response.headers()["content-type"], "application/json");
     let body: Value = response.json().await.unwrap();
-    assert_eq!(body, json!({"code": "unauthenticated", "msg": "permissions denied"}));
+    assert_eq!(
+        body,
+        json!({"code": "unauthenticated", "msg": "permissions denied"})
+    );
 
     // Unknown fields, an unknown queue, a body that does not decode.
     let (status, body) = world
-        .plain_start("StartRoomCompositeEgress", json!({"roomName": "a", "layot": "grid"}))
+        .plain_start(
+            "StartRoomCompositeEgress",
+            json!({"roomName": "a", "layot": "grid"}),
+        )
         .await;
-    assert_eq!((status, body["code"].as_str()), (400, Some("invalid_argument")), "{body}");
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (400, Some("invalid_argument")),
+        "{body}"
+    );
     assert!(body["msg"].as_str().unwrap().contains("layot"), "{body}");
     let response = http_client()
-        .post(world.server.http("/twirp/livekit.Egress/StartRoomCompositeEgress"))
+        .post(
+            world
+                .server
+                .http("/twirp/livekit.Egress/StartRoomCompositeEgress"),
+        )
         .bearer_auth(token(SECRET, true))
         .header("X-Egress-Scaler-Queue", "nobody-serves-this")
         .json(&json!({"roomName": "a"}))
@@ -461,13 +527,18 @@ async fn bad_tokens_and_bad_requests_get_twirp_errors_and_queue_nothing() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_cancelled_ticket_is_answered_canceled_to_the_retry_and_a_refused_one_with_livekits_code() {
+async fn a_cancelled_ticket_is_answered_canceled_to_the_retry_and_a_refused_one_with_livekits_code()
+{
     let world = World::start(0, 1, &["--hold-seconds", "0.5"]).await;
 
     let (status, body) = world
         .plain_start("StartRoomCompositeEgress", json!({"roomName": "cancelled"}))
         .await;
-    assert_eq!((status, body["code"].as_str()), (503, Some("unavailable")), "{body}");
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (503, Some("unavailable")),
+        "{body}"
+    );
     let ticket = body["meta"]["ticket"].as_str().unwrap().to_owned();
     let cancel = http_client()
         .delete(world.server.http(&format!("/v1/requests/{ticket}")))
@@ -480,7 +551,11 @@ async fn a_cancelled_ticket_is_answered_canceled_to_the_retry_and_a_refused_one_
     let (status, body) = world
         .plain_start("StartRoomCompositeEgress", json!({"roomName": "cancelled"}))
         .await;
-    assert_eq!((status, body["code"].as_str()), (408, Some("canceled")), "{body}");
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (408, Some("canceled")),
+        "{body}"
+    );
     assert!(body["msg"].as_str().unwrap().contains(&ticket), "{body}");
     let (status, body) = world
         .plain_start("StartRoomCompositeEgress", json!({"roomName": "cancelled"}))
@@ -491,13 +566,18 @@ async fn a_cancelled_ticket_is_answered_canceled_to_the_retry_and_a_refused_one_
 
     // A pod is free and livekit-server refuses the request: its code, to the held call.
     let world = World::start(1, 0, &[]).await;
-    world
-        .livekit
-        .fail_next_start("invalid_argument", "request has missing or invalid field: filepath");
+    world.livekit.fail_next_start(
+        "invalid_argument",
+        "request has missing or invalid field: filepath",
+    );
     let (status, body) = world
         .plain_start("StartRoomCompositeEgress", json!({"roomName": "refused"}))
         .await;
-    assert_eq!((status, body["code"].as_str()), (400, Some("invalid_argument")), "{body}");
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (400, Some("invalid_argument")),
+        "{body}"
+    );
     assert!(body["msg"].as_str().unwrap().contains("filepath"), "{body}");
     assert!(world.started_in("refused").is_empty());
     world.server.stop().await;
@@ -511,7 +591,11 @@ async fn a_caller_that_goes_away_leaves_its_ticket_queued() {
         .build()
         .unwrap();
     let gone = client
-        .post(world.server.http("/twirp/livekit.Egress/StartRoomCompositeEgress"))
+        .post(
+            world
+                .server
+                .http("/twirp/livekit.Egress/StartRoomCompositeEgress"),
+        )
         .bearer_auth(token(SECRET, true))
         .json(&json!({"roomName": "left"}))
         .send()

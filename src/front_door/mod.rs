@@ -44,6 +44,7 @@ use axum::response::{IntoResponse, Response};
 use livekit_api::access_token::TokenVerifier;
 use livekit_protocol as proto;
 use serde_json::json;
+use tokio_util::sync::CancellationToken;
 
 use crate::config::ApiCredentials;
 use crate::dispatch::livekit::{EgressApi, EgressApiError, ListFilter, TwirpEgressApi};
@@ -95,17 +96,20 @@ fn waiting(state: TicketState) -> bool {
 /// The front door's own state, shared by its handlers.
 pub struct FrontDoor {
     hold: Duration,
+    shutdown: CancellationToken,
     waiters: Arc<Waiters>,
     upstream: Option<Upstream>,
     livekit: Option<TwirpEgressApi>,
 }
 
 impl FrontDoor {
-    /// A front door holding starts for `hold`; with `livekit_url` it passes other calls there
-    /// (each limited to `call_limit`), and with the credentials too it reads started egress
-    /// back from it.
+    /// A front door holding starts for `hold` (held calls are answered `unavailable` at once
+    /// when `shutdown` is cancelled, so that draining does not wait for them); with
+    /// `livekit_url` it passes other calls there (each limited to `call_limit`), and with the
+    /// credentials too it reads started egress back from it.
     pub fn new(
         hold: Duration,
+        shutdown: CancellationToken,
         livekit_url: Option<&str>,
         credentials: Option<&ApiCredentials>,
         call_limit: Duration,
@@ -130,6 +134,7 @@ impl FrontDoor {
         };
         Ok(FrontDoor {
             hold,
+            shutdown,
             waiters: Arc::new(Waiters::default()),
             upstream,
             livekit,
@@ -171,7 +176,7 @@ impl FrontDoor {
             && ticket.state.is_finished()
         {
             store.forget_held(&queue, &key).await?;
-            return self.outcome(ticket, encoding).await;
+            return Box::pin(self.outcome(ticket, encoding)).await;
         }
         let enqueued = store.enqueue(&queue, new, now_ms()).await?;
         if enqueued.conflict {
@@ -193,11 +198,14 @@ impl FrontDoor {
                 if remembered.is_some() {
                     store.forget_held(&queue, &key).await?;
                 }
-                self.outcome(ticket, encoding).await
+                // Boxed: a held call's future stays small while it waits (1,000 held calls).
+                Box::pin(self.outcome(ticket, encoding)).await
             }
             Held::Waiting(ticket) => {
-                store.remember_held(&queue, &key, &ticket.id, HELD_MEMORY).await?;
-                Err(self.still_waiting(store, &queue, &ticket).await?)
+                store
+                    .remember_held(&queue, &key, &ticket.id, HELD_MEMORY)
+                    .await?;
+                Err(Box::pin(self.still_waiting(store, &queue, &ticket)).await?)
             }
         }
     }
@@ -218,17 +226,17 @@ impl FrontDoor {
                         tokio::time::sleep(Duration::from_millis(100)).await;
                     }
                 }
-                _ = tokio::time::sleep_until(deadline) => {
-                    // A last look: it may have started since the last read.
-                    let ticket = read(store, id).await?;
-                    return Ok(if waiting(ticket.state) {
-                        Held::Waiting(ticket)
-                    } else {
-                        Held::Settled(ticket)
-                    });
-                }
+                // Out of time, or draining: one last look, since it may have started.
+                _ = tokio::time::sleep_until(deadline) => break,
+                _ = self.shutdown.cancelled() => break,
             }
         }
+        let ticket = read(store, id).await?;
+        Ok(if waiting(ticket.state) {
+            Held::Waiting(ticket)
+        } else {
+            Held::Settled(ticket)
+        })
     }
 
     async fn still_waiting(
@@ -278,7 +286,9 @@ impl FrontDoor {
                 Ok(answer)
             }
             (TicketState::Failed, _) => {
-                let error = ticket.error.unwrap_or_else(|| "the request failed".to_owned());
+                let error = ticket
+                    .error
+                    .unwrap_or_else(|| "the request failed".to_owned());
                 Err(TwirpError::new(code_of_failure(&error), error)
                     .with_meta("ticket", ticket.id.as_str()))
             }
@@ -301,8 +311,7 @@ impl FrontDoor {
             let filter = ListFilter::Egress(egress_id.to_owned());
             match tokio::time::timeout(INFO_LIMIT, livekit.list_egress(&filter, false)).await {
                 Ok(Ok(list)) => {
-                    if let Some(info) = list.into_iter().find(|info| info.egress_id == egress_id)
-                    {
+                    if let Some(info) = list.into_iter().find(|info| info.egress_id == egress_id) {
                         return info;
                     }
                     tracing::warn!(ticket = %ticket.id, egress_id, "The started egress is not listed; answering what the ticket records.");
@@ -364,10 +373,9 @@ fn queue_of(headers: &HeaderMap, state: &AppState) -> Result<QueueName, TwirpErr
             TwirpError::invalid_argument(QUEUE_HEADER, "X-Egress-Scaler-Queue is not text")
         })?),
     };
-    state
-        .queues
-        .resolve(name)
-        .map_err(|error| TwirpError::invalid_argument(QUEUE_HEADER, format!("X-Egress-Scaler-Queue: {error}")))
+    state.queues.resolve(name).map_err(|error| {
+        TwirpError::invalid_argument(QUEUE_HEADER, format!("X-Egress-Scaler-Queue: {error}"))
+    })
 }
 
 /// The token check of livekit-server's egress service, answered in Twirp JSON.

@@ -149,7 +149,10 @@ impl IntoResponse for TwirpError {
         // Exactly `application/json`: the Node SDK reads the body as JSON only then.
         (
             self.code.status(),
-            [(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))],
+            [(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            )],
             body.to_string(),
         )
             .into_response()
@@ -306,10 +309,7 @@ pub fn decode_start(
         StartMethod::Web => {
             let url = text("url", "url");
             if url.is_empty() {
-                return Err(TwirpError::invalid_argument(
-                    "url",
-                    "url must not be empty",
-                ));
+                return Err(TwirpError::invalid_argument("url", "url must not be empty"));
             }
             let kind = if audio_only {
                 EgressKind::AudioWeb
@@ -385,7 +385,10 @@ mod tests {
         assert_eq!(Code::Unavailable.status(), StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(Code::Canceled.status(), StatusCode::REQUEST_TIMEOUT);
         assert_eq!(Code::Unauthenticated.status(), StatusCode::UNAUTHORIZED);
-        assert_eq!(Code::ResourceExhausted.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(
+            Code::ResourceExhausted.status(),
+            StatusCode::TOO_MANY_REQUESTS
+        );
         for code in Code::ALL {
             assert_eq!(Code::parse(code.as_str()), Some(code));
         }
@@ -428,13 +431,17 @@ mod tests {
 
     #[test]
     fn bad_input_names_the_field() {
-        let error = decode_start(StartMethod::Track, Encoding::Json, br#"{"roomName":"a"}"#)
-            .unwrap_err();
+        let error =
+            decode_start(StartMethod::Track, Encoding::Json, br#"{"roomName":"a"}"#).unwrap_err();
         assert_eq!(error.code, Code::InvalidArgument);
         assert!(error.msg.contains("track_id"), "{error:?}");
         assert_eq!(error.meta["argument"], "track_id");
-        let error = decode_start(StartMethod::RoomComposite, Encoding::Json, br#"{"layout":"x"}"#)
-            .unwrap_err();
+        let error = decode_start(
+            StartMethod::RoomComposite,
+            Encoding::Json,
+            br#"{"layout":"x"}"#,
+        )
+        .unwrap_err();
         assert_eq!(error.meta["argument"], "room_name");
         let error = decode_start(
             StartMethod::RoomComposite,
@@ -444,8 +451,7 @@ mod tests {
         .unwrap_err();
         assert_eq!(error.code, Code::InvalidArgument);
         assert!(error.msg.contains("layot"), "{error:?}");
-        let error =
-            decode_start(StartMethod::Web, Encoding::Protobuf, b"\xff\xff").unwrap_err();
+        let error = decode_start(StartMethod::Web, Encoding::Protobuf, b"\xff\xff").unwrap_err();
         assert_eq!(error.code, Code::Malformed);
     }
 
@@ -458,9 +464,14 @@ mod tests {
             Code::NotFound
         );
         assert_eq!(
-            code_of_failure("livekit-server refused the request: livekit-server answered invalid_argument: bad"),
+            code_of_failure(
+                "livekit-server refused the request: livekit-server answered invalid_argument: bad"
+            ),
             Code::InvalidArgument
         );
-        assert_eq!(code_of_failure("egress EG_1 ended EGRESS_FAILED: boom"), Code::Unknown);
+        assert_eq!(
+            code_of_failure("egress EG_1 ended EGRESS_FAILED: boom"),
+            Code::Unknown
+        );
     }
 }

@@ -39,10 +39,7 @@ impl Waiters {
     /// Calls held right now (tickets with at least one receiver).
     pub fn held(&self) -> usize {
         let tickets = self.tickets.lock().unwrap_or_else(PoisonError::into_inner);
-        tickets
-            .values()
-            .map(|sender| sender.receiver_count())
-            .sum()
+        tickets.values().map(|sender| sender.receiver_count()).sum()
     }
 
     /// The waited tickets of the given queues (all when `None`), forgetting those nobody
@@ -124,7 +121,10 @@ impl Waiters {
                 .buffer_unordered(READS_IN_FLIGHT);
             while let Some((id, state)) = reads.next().await {
                 // A read that failed wakes the call too: it reads again and reports.
-                if !matches!(state, Ok(Some(TicketState::Queued | TicketState::Dispatching))) {
+                if !matches!(
+                    state,
+                    Ok(Some(TicketState::Queued | TicketState::Dispatching))
+                ) {
                     self.wake(&id);
                 }
             }

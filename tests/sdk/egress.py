@@ -21,6 +21,7 @@ def info_json(info):
         "egress_id": info.egress_id,
         "room_name": info.room_name,
         "room_id": info.room_id,
+        "started_at": str(info.started_at),
         "status": api.EgressStatus.Name(info.status),
     }
 
