@@ -97,15 +97,17 @@ impl Waiters {
                 _ = fallback.tick() => note(Ok(QueueEvent::Resync)) && events_open,
             };
             // Coalesce whatever else has arrived.
-            while events_open {
-                match events.try_recv() {
-                    Ok(event) => {
-                        note(Ok(event));
+            if events_open {
+                loop {
+                    match events.try_recv() {
+                        Ok(event) => {
+                            note(Ok(event));
+                        }
+                        Err(broadcast::error::TryRecvError::Lagged(n)) => {
+                            note(Err(broadcast::error::RecvError::Lagged(n)));
+                        }
+                        Err(_) => break,
                     }
-                    Err(broadcast::error::TryRecvError::Lagged(n)) => {
-                        note(Err(broadcast::error::RecvError::Lagged(n)));
-                    }
-                    Err(_) => break,
                 }
             }
             let waited = self.waited(dirty.as_ref());
