@@ -197,8 +197,9 @@ async fn latency(samples: usize) -> (Vec<Duration>, Vec<Duration>) {
                 if through { &mut front } else { &mut direct }.push(took);
             }
             livekit.end_all();
-            // The pod is free again once the fleet has seen it so (refresh every 50 ms).
-            tokio::time::sleep(Duration::from_millis(if through { 150 } else { 5 })).await;
+            // The pod is free again once the fleet has seen it so (refresh every 50 ms): also
+            // after a straight start, which the fleet may have seen busy.
+            tokio::time::sleep(Duration::from_millis(150)).await;
         }
     }
     direct.sort();

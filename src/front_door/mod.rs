@@ -157,28 +157,35 @@ impl FrontDoor {
         }
         let encoding = Encoding::of(request.headers())?;
         let queue = queue_of(request.headers(), state)?;
-        let body = axum::body::to_bytes(request.into_body(), MAX_BODY_BYTES)
-            .await
-            .map_err(|_| {
-                TwirpError::new(
-                    Code::Malformed,
-                    format!("the body could not be read, or is larger than {MAX_BODY_BYTES} bytes"),
-                )
-            })?;
-        let call = decode_start(method, encoding, &body)?;
-        let new = NewRequest::new(&call.request, &call.room_name, None);
-        let key = new.dedup_key.clone().unwrap_or_default();
+        // The body and the decoded call are dropped before the call is held.
+        let (new, key) = {
+            let body = axum::body::to_bytes(request.into_body(), MAX_BODY_BYTES)
+                .await
+                .map_err(|_| {
+                    TwirpError::new(
+                        Code::Malformed,
+                        format!(
+                            "the body could not be read, or is larger than {MAX_BODY_BYTES} bytes"
+                        ),
+                    )
+                })?;
+            let call = decode_start(method, encoding, &body)?;
+            let new = NewRequest::new(&call.request, &call.room_name, None);
+            let key = new.dedup_key.clone().unwrap_or_default();
+            (new, key)
+        };
         let store = &state.store;
 
-        let remembered = store.held_ticket(&queue, &key).await?;
+        // Every Redis call is boxed: only the one in progress takes memory, not the held state.
+        let remembered = Box::pin(store.held_ticket(&queue, &key)).await?;
         if let Some(id) = &remembered
-            && let Some(ticket) = store.get(id).await?
+            && let Some(ticket) = Box::pin(store.get(id)).await?
             && ticket.state.is_finished()
         {
-            store.forget_held(&queue, &key).await?;
+            Box::pin(store.forget_held(&queue, &key)).await?;
             return Box::pin(self.outcome(ticket, encoding)).await;
         }
-        let enqueued = store.enqueue(&queue, new, now_ms()).await?;
+        let enqueued = Box::pin(store.enqueue(&queue, new, now_ms())).await?;
         if enqueued.conflict {
             return Err(TwirpError::new(
                 Code::AlreadyExists,
@@ -193,18 +200,16 @@ impl FrontDoor {
         if !enqueued.duplicate {
             tracing::info!(ticket = %enqueued.ticket, position = ?enqueued.position, "Request queued through the Twirp front door.");
         }
-        match self.hold(store, &enqueued.ticket).await? {
+        match Box::pin(self.hold(store, &enqueued.ticket)).await? {
             Held::Settled(ticket) => {
                 if remembered.is_some() {
-                    store.forget_held(&queue, &key).await?;
+                    Box::pin(store.forget_held(&queue, &key)).await?;
                 }
                 // Boxed: a held call's future stays small while it waits (1,000 held calls).
                 Box::pin(self.outcome(ticket, encoding)).await
             }
             Held::Waiting(ticket) => {
-                store
-                    .remember_held(&queue, &key, &ticket.id, HELD_MEMORY)
-                    .await?;
+                Box::pin(store.remember_held(&queue, &key, &ticket.id, HELD_MEMORY)).await?;
                 Err(Box::pin(self.still_waiting(store, &queue, &ticket)).await?)
             }
         }
@@ -215,7 +220,7 @@ impl FrontDoor {
         let deadline = tokio::time::Instant::now() + self.hold;
         let mut settled = self.waiters.watch(id);
         loop {
-            let ticket = read(store, id).await?;
+            let ticket = Box::pin(read(store, id)).await?;
             if !waiting(ticket.state) {
                 return Ok(Held::Settled(ticket));
             }
@@ -231,7 +236,7 @@ impl FrontDoor {
                 _ = self.shutdown.cancelled() => break,
             }
         }
-        let ticket = read(store, id).await?;
+        let ticket = Box::pin(read(store, id)).await?;
         Ok(if waiting(ticket.state) {
             Held::Waiting(ticket)
         } else {
