@@ -612,3 +612,30 @@ async fn a_caller_that_goes_away_leaves_its_ticket_queued() {
     );
     world.server.stop().await;
 }
+
+#[test]
+fn hold_seconds_defaults_to_8_and_refuses_what_is_not_a_duration() {
+    use clap::Parser;
+    use egress_scaler::config::{Cli, Command};
+    let resolve = |flags: &[&str]| {
+        let cli = Cli::try_parse_from(["egress-scaler", "serve"].iter().chain(flags)).unwrap();
+        let Command::Serve(args) = cli.command else {
+            unreachable!()
+        };
+        args.resolve(&support::NoEnvironment)
+    };
+    assert_eq!(resolve(&[]).unwrap().hold, Duration::from_secs(8));
+    assert_eq!(
+        resolve(&["--hold-seconds", "2.5"]).unwrap().hold,
+        Duration::from_millis(2500)
+    );
+    for bad in [
+        "--hold-seconds=0",
+        "--hold-seconds=-1",
+        "--hold-seconds=NaN",
+        "--hold-seconds=inf",
+    ] {
+        let error = resolve(&[bad]).unwrap_err();
+        assert_eq!(error.setting, "--hold-seconds", "{bad}");
+    }
+}
