@@ -229,6 +229,17 @@ impl World {
         status["queues"][0]["depth"].as_u64().unwrap()
     }
 
+    async fn metrics(&self) -> String {
+        http_client()
+            .get(self.server.http("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
     /// A start as plain Twirp JSON, with the server's token.
     async fn plain_start(&self, method: &str, body: Value) -> (u16, Value) {
         let response = http_client()
@@ -421,6 +432,16 @@ async fn a_retry_after_unavailable_waits_for_the_same_ticket_and_records_once() 
     assert_eq!(world.ticket(&ticket).await["egress_id"], egress_id);
     assert_eq!(world.started_in("board"), vec![egress_id.to_owned()]);
     assert_eq!(world.livekit.started_count(), 1);
+    let metrics = world.metrics().await;
+    for series in [
+        "egress_scaler_enqueue_requests_total{outcome=\"accepted\"} 1",
+        "egress_scaler_enqueue_requests_total{outcome=\"duplicate\"} 2",
+    ] {
+        assert!(
+            metrics.lines().any(|line| line == series),
+            "no {series}:\n{metrics}"
+        );
+    }
     world.server.stop().await;
 }
 
@@ -512,6 +533,9 @@ async fn bad_tokens_and_bad_requests_get_twirp_errors_and_queue_nothing() {
     let body: Value = response.json().await.unwrap();
     assert_eq!(body["code"], "malformed", "{body}");
     assert_eq!(world.depth().await, 0);
+    let metrics = world.metrics().await;
+    let rejected = "egress_scaler_enqueue_requests_total{outcome=\"rejected\"} 4";
+    assert!(metrics.lines().any(|line| line == rejected), "{metrics}");
 
     // A region list that keeps an SDK's retries here.
     let regions: Value = http_client()

@@ -52,6 +52,7 @@ use crate::dispatch::stored_request;
 use crate::egress_redact::redact;
 use crate::intake::{AppState, MAX_BODY_BYTES, now_ms};
 use crate::queue::{NewRequest, QueueError, QueueName, QueueStore, Ticket, TicketId, TicketState};
+use crate::telemetry::{EnqueueLabels, EnqueueOutcome};
 
 use self::proxy::Upstream;
 use self::twirp::{Code, Encoding, StartMethod, TwirpError, code_of_failure, decode_start};
@@ -152,11 +153,21 @@ impl FrontDoor {
         method: StartMethod,
         request: Request,
     ) -> Result<Response, TwirpError> {
+        // Counted with the HTTP API's enqueues (`egress_scaler_enqueue_requests`).
+        let count = |outcome| {
+            state
+                .metrics
+                .enqueue_requests
+                .get_or_create(&EnqueueLabels { outcome })
+                .inc();
+        };
         if let Some(verifier) = &state.verifier {
             check_token(verifier, request.headers())?;
         }
         let encoding = Encoding::of(request.headers())?;
-        let queue = queue_of(request.headers(), state)?;
+        let queue = queue_of(request.headers(), state).inspect_err(|_| {
+            count(EnqueueOutcome::rejected);
+        })?;
         // The body and the decoded call are dropped before the call is held.
         let (new, key) = {
             let body = axum::body::to_bytes(request.into_body(), MAX_BODY_BYTES)
@@ -169,7 +180,9 @@ impl FrontDoor {
                         ),
                     )
                 })?;
-            let call = decode_start(method, encoding, &body)?;
+            let call = decode_start(method, encoding, &body).inspect_err(|_| {
+                count(EnqueueOutcome::rejected);
+            })?;
             let new = NewRequest::new(&call.request, &call.room_name, None);
             let key = new.dedup_key.clone().unwrap_or_default();
             (new, key)
@@ -185,7 +198,14 @@ impl FrontDoor {
             Box::pin(store.forget_held(&queue, &key)).await?;
             return Box::pin(self.outcome(ticket, encoding)).await;
         }
-        let enqueued = Box::pin(store.enqueue(&queue, new, now_ms())).await?;
+        let enqueued = Box::pin(store.enqueue(&queue, new, now_ms()))
+            .await
+            .inspect_err(|_| count(EnqueueOutcome::unavailable))?;
+        count(match (enqueued.conflict, enqueued.duplicate) {
+            (true, _) => EnqueueOutcome::conflict,
+            (false, true) => EnqueueOutcome::duplicate,
+            (false, false) => EnqueueOutcome::accepted,
+        });
         if enqueued.conflict {
             return Err(TwirpError::new(
                 Code::AlreadyExists,
