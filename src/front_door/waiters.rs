@@ -36,12 +36,6 @@ impl Waiters {
             .subscribe()
     }
 
-    /// Calls held right now (tickets with at least one receiver).
-    pub fn held(&self) -> usize {
-        let tickets = self.tickets.lock().unwrap_or_else(PoisonError::into_inner);
-        tickets.values().map(|sender| sender.receiver_count()).sum()
-    }
-
     /// The waited tickets of the given queues (all when `None`), forgetting those nobody
     /// waits for any more.
     fn waited(&self, queues: Option<&HashSet<QueueName>>) -> Vec<TicketId> {
