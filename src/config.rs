@@ -152,6 +152,10 @@ pub struct ServeArgs {
     /// Start calls to livekit-server in flight at once, per queue [default: 64].
     #[arg(long, env = "EGRESS_SCALER_MAX_IN_FLIGHT")]
     pub max_in_flight: Option<u32>,
+    /// How long the Twirp front door holds a start call before answering `unavailable`
+    /// (the LiveKit SDKs give up after 10 s by default), seconds [default: 8].
+    #[arg(long, env = "EGRESS_SCALER_HOLD_SECONDS")]
+    pub hold_seconds: Option<f64>,
     /// Queue an egress of this kind for every room_started webhook.
     #[arg(long, value_name = "KIND", env = "EGRESS_SCALER_AUTO_RECORD")]
     pub auto_record: Option<EgressKind>,
@@ -587,6 +591,7 @@ struct FileConfig {
     lease_seconds: Option<f64>,
     not_found_retry_seconds: Option<f64>,
     max_in_flight: Option<u32>,
+    hold_seconds: Option<f64>,
     auto_record: Option<String>,
     auto_record_rooms: Option<String>,
     auto_record_template: Option<PathBuf>,
@@ -649,6 +654,8 @@ pub struct ServeConfig {
     pub not_found_retry: Duration,
     /// Start calls in flight at once, per queue.
     pub max_in_flight: usize,
+    /// How long the Twirp front door holds a start call.
+    pub hold: Duration,
     /// Limit on one call to livekit-server (no flag: above its 18-27 s no-capacity answer;
     /// tests shorten it).
     pub livekit_call_timeout: Duration,
@@ -663,6 +670,10 @@ pub struct ServeConfig {
 
 /// The most start calls in flight per queue that `--max-in-flight` accepts.
 pub const MAX_IN_FLIGHT: u32 = 1024;
+
+/// Default hold of a Twirp start call: 2 s short of the 10 s the Node, Python, Go and Rust
+/// SDKs wait by default, so that the answer (`unavailable` at worst) reaches them first.
+pub const DEFAULT_HOLD: Duration = Duration::from_secs(8);
 
 /// How far a Prometheus server's view of the egress pods lags: one scrape interval, at most.
 pub const DEFAULT_PROMETHEUS_LAG: Duration = Duration::from_secs(30);
@@ -879,6 +890,10 @@ impl ServeArgs {
             }
             None => DispatchOptions::default().max_in_flight,
         };
+        let hold = match self.hold_seconds.or(file.hold_seconds) {
+            Some(seconds) => positive_seconds("--hold-seconds", seconds)?,
+            None => DEFAULT_HOLD,
+        };
         let auto_record_kind = match self.auto_record {
             Some(kind) => Some(kind),
             None => file
@@ -914,6 +929,7 @@ impl ServeArgs {
             lease,
             not_found_retry,
             max_in_flight,
+            hold,
             livekit_call_timeout: DEFAULT_REQUEST_TIMEOUT,
             auto_record,
             holder_name,

@@ -1,5 +1,6 @@
 //! The HTTP API of DESIGN.md 5: enqueue, ticket lookup, cancel, status, `/metrics`,
-//! `/healthz`, `/readyz`, and the LiveKit webhook route of [`crate::webhook`]. Bodies are validated here into queue types; errors are JSON with a
+//! `/healthz`, `/readyz`, the LiveKit webhook route of [`crate::webhook`] and the Twirp front
+//! door of [`crate::front_door`]. Bodies are validated here into queue types; errors are JSON with a
 //! precise status and never carry internal error text.
 
 use std::collections::BTreeMap;
@@ -23,6 +24,7 @@ use crate::config::ApiCredentials;
 use crate::dispatch::lease::{LeaderInfo, read_leader};
 use crate::egress_request::{StartRequest, is_line_breaking};
 use crate::fleet::{Fleet, FleetView};
+use crate::front_door::{self, FrontDoor};
 use crate::model::{Decision, EgressKind, PodState, Settings, decide};
 use crate::queue::{
     CancelOutcome, NewRequest, QueueError, QueueName, QueueStore, ServedQueues, Ticket, TicketId,
@@ -55,6 +57,8 @@ pub struct AppState {
     pub registry: Arc<Registry>,
     /// The webhook receiver, when credentials are configured.
     pub webhooks: Option<Arc<Webhooks>>,
+    /// The Twirp front door.
+    pub front_door: Arc<FrontDoor>,
 }
 
 impl AppState {
@@ -82,6 +86,11 @@ pub fn router(state: AppState) -> Router {
         );
     }
     router
+        .route(
+            "/twirp/livekit.Egress/{method}",
+            axum::routing::post(front_door::call),
+        )
+        .route("/settings/regions", get(front_door::regions))
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready))

@@ -3,6 +3,7 @@
 //! Modules, in the order data flows:
 //! - [`config`]: flags, environment and TOML file, parsed once into typed settings.
 //! - [`intake`]: the HTTP API (enqueue, lookup, cancel, status, metrics, health).
+//! - [`front_door`]: the Twirp egress API of livekit-server, its starts queued and held.
 //! - [`webhook`]: LiveKit webhooks: confirm, end and cancel tickets, auto-record new rooms.
 //! - [`egress_request`]: the LiveKit start request of a ticket, validated per kind.
 //! - [`egress_redact`]: that request as livekit-server lists it, secrets and stream keys hidden.
@@ -30,6 +31,7 @@ pub mod dispatch;
 pub mod egress_redact;
 pub mod egress_request;
 pub mod fleet;
+pub mod front_door;
 pub mod intake;
 pub mod kube;
 pub mod model;

@@ -49,6 +49,7 @@
 //! | `egress-scaler:{q}:events` | pub/sub channel | the queue name is published on every change (classic `PUBLISH`: every node of a cluster hears it) |
 //! | `egress-scaler:{q}:fence` | STRING | the dispatcher lease's fencing counter (`INCR` on each acquisition, see `dispatch::lease`) |
 //! | `egress-scaler:{q}:webhook:<delivery>` | STRING | a webhook delivery acted on ([`DeliveryId`]), for 10 minutes |
+//! | `egress-scaler:{q}:held:<digest>` | STRING | the ticket a Twirp front door caller was told to call again for (`queue::held`), for 2 minutes |
 //!
 //! Ticket hash fields: `state`, `kind`, `room`, `request` (optional, the LiveKit request
 //! verbatim), `dedup`, `digest` (SHA-256 of kind, room and request: what "the same request"
@@ -112,6 +113,7 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 use crate::egress_request::StartRequest;
 use crate::model::{Demand, EgressKind};
 
+mod held;
 mod sentinel;
 mod served;
 pub use sentinel::{DEFAULT_SENTINEL_PORT, SentinelUrl, is_sentinel_url};

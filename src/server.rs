@@ -19,6 +19,7 @@ use crate::config::ServeConfig;
 use crate::dispatch::livekit::TwirpEgressApi;
 use crate::dispatch::{DispatchOptions, Dispatcher};
 use crate::fleet::{Fleet, FleetMetrics, FleetObserver, FleetSource};
+use crate::front_door::FrontDoor;
 use crate::intake::{self, AppState};
 use crate::queue::{self, QueueStore, StoreOptions};
 use crate::scaler::proto::external_scaler_server::ExternalScalerServer;
@@ -240,6 +241,25 @@ pub async fn start(config: ServeConfig, shutdown: CancellationToken) -> anyhow::
         }
     }
 
+    let front_door = Arc::new(
+        FrontDoor::new(
+            config.hold,
+            shutdown.clone(),
+            config.livekit_url.as_deref(),
+            config.credentials.as_ref(),
+            config.livekit_call_timeout,
+        )
+        .context("cannot set up the Twirp front door")?,
+    );
+    {
+        let (waiters, store, token) = (front_door.waiters(), store.clone(), shutdown.clone());
+        let events = events.subscribe();
+        tasks.spawn(async move {
+            waiters.run(store, events, token).await;
+            Ok(())
+        });
+    }
+
     let evaluator = Evaluator::new(store.clone(), fleet.clone(), Arc::clone(&metrics))
         .with_observation_lag(reservation_lag);
     let scaler = ScalerService::new(
@@ -320,6 +340,7 @@ pub async fn start(config: ServeConfig, shutdown: CancellationToken) -> anyhow::
                 config.auto_record.clone(),
             ))
         }),
+        front_door,
     };
     {
         let token = shutdown.clone();

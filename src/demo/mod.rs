@@ -9,7 +9,9 @@
 //! pods. Time runs fast: see [`Timing`].
 //!
 //! The rooms ask through the real HTTP API at the times of a seeded [`plan::Plan`], some of
-//! them twice. The demo fails (non-zero exit, one line saying why) when a room was not
+//! them twice; every third room asks instead as a backend's LiveKit SDK would, through the
+//! Twirp front door (`StartRoomCompositeEgress`, held until started, called again after
+//! `unavailable`). The demo fails (non-zero exit, one line saying why) when a room was not
 //! recorded or recorded twice, a repeated request was not answered as a duplicate, a recording
 //! did not end before the deadline, or the fleet did not scale back to zero.
 
@@ -132,8 +134,24 @@ impl Environment for DemoEnvironment<'_> {
 #[derive(Clone)]
 struct Api {
     http: reqwest::Client,
+    /// For the front door: the LiveKit SDKs' own 10 s timeout.
+    sdk_http: reqwest::Client,
     base: String,
     token: String,
+}
+
+/// Every this many rooms (the second, the fifth, ...) asks through the Twirp front door,
+/// unless it asks twice.
+const FRONT_DOOR_EVERY: usize = 3;
+/// Calls of one front-door room before the demo gives up on it (each held up to 8 s).
+const FRONT_DOOR_CALLS: usize = 5;
+
+/// How one `StartRoomCompositeEgress` through the front door was answered.
+enum FrontDoorAnswer {
+    /// The egress started: livekit-server's egress id, and the ticket.
+    Started { ticket: TicketId, egress_id: String },
+    /// Still queued after the hold: call again.
+    Unavailable { ticket: String, msg: String },
 }
 
 #[derive(Deserialize)]
@@ -171,6 +189,57 @@ impl Api {
             .await?
             .error_for_status()?;
         Ok(response.json().await?)
+    }
+
+    /// `StartRoomCompositeEgress` as a backend's SDK sends it, to egress-scaler's URL.
+    async fn start_through_front_door(&self, room: &str) -> anyhow::Result<FrontDoorAnswer> {
+        #[derive(Deserialize)]
+        struct Info {
+            #[serde(rename = "egressId")]
+            egress_id: String,
+        }
+        #[derive(Deserialize)]
+        struct Failure {
+            code: String,
+            msg: String,
+            #[serde(default)]
+            meta: HashMap<String, String>,
+        }
+        let response = self
+            .sdk_http
+            .post(format!(
+                "{}/twirp/livekit.Egress/StartRoomCompositeEgress",
+                self.base
+            ))
+            .bearer_auth(&self.token)
+            .json(&serde_json::json!({ "roomName": room }))
+            .send()
+            .await?;
+        if response.status().is_success() {
+            let ticket = response
+                .headers()
+                .get(crate::front_door::TICKET_HEADER)
+                .and_then(|value| value.to_str().ok())
+                .context("the answer names no ticket")?
+                .parse::<TicketId>()
+                .map_err(|error| anyhow::anyhow!("{error}"))?;
+            let info: Info = response.json().await?;
+            return Ok(FrontDoorAnswer::Started {
+                ticket,
+                egress_id: info.egress_id,
+            });
+        }
+        let failure: Failure = response.json().await?;
+        anyhow::ensure!(
+            failure.code == "unavailable",
+            "twirp {}: {}",
+            failure.code,
+            failure.msg
+        );
+        Ok(FrontDoorAnswer::Unavailable {
+            ticket: failure.meta.get("ticket").cloned().unwrap_or_default(),
+            msg: failure.msg,
+        })
     }
 
     async fn ticket_state(&self, ticket: &TicketId) -> anyhow::Result<TicketState> {
@@ -211,22 +280,96 @@ struct Asked {
     answer: Result<EnqueueAnswer, String>,
 }
 
-/// Sends the plan's requests at their times.
+/// The rooms that ask through the Twirp front door: every [`FRONT_DOOR_EVERY`]th room that
+/// asks only once (a repeat through the HTTP API must find the ticket already known).
+fn front_door_rooms(plan: &Plan) -> Vec<bool> {
+    let mut through = vec![false; plan.rooms.len()];
+    for (index, flag) in through.iter_mut().enumerate() {
+        *flag = index % FRONT_DOOR_EVERY == 1;
+    }
+    for request in &plan.requests {
+        if request.repeat {
+            through[request.room] = false;
+        }
+    }
+    through
+}
+
+/// One room asking as a backend's SDK does: the held call, called again after `unavailable`.
+async fn ask_through_front_door(
+    api: Api,
+    room: String,
+    clock: Instant,
+    events: mpsc::UnboundedSender<Event>,
+) -> Result<EnqueueAnswer, String> {
+    for call in 1..=FRONT_DOOR_CALLS {
+        let sent = Instant::now();
+        match api.start_through_front_door(&room).await {
+            Ok(FrontDoorAnswer::Started { ticket, egress_id }) => {
+                let _ = events.send(Event::new(
+                    clock.elapsed(),
+                    "backend (Twirp front door)",
+                    format!(
+                        "StartRoomCompositeEgress {room}: held {:.1} s, answered egress {egress_id}",
+                        sent.elapsed().as_secs_f64()
+                    ),
+                ));
+                return Ok(EnqueueAnswer {
+                    ticket,
+                    duplicate: false,
+                });
+            }
+            Ok(FrontDoorAnswer::Unavailable { ticket, msg }) => {
+                let _ = events.send(Event::new(
+                    clock.elapsed(),
+                    "backend (Twirp front door)",
+                    format!(
+                        "StartRoomCompositeEgress {room}: unavailable after {:.1} s (ticket {ticket}); calling again",
+                        sent.elapsed().as_secs_f64()
+                    ),
+                ));
+                if call == FRONT_DOOR_CALLS {
+                    return Err(format!("still unavailable after {call} calls: {msg}"));
+                }
+            }
+            Err(error) => return Err(format!("{error:#}")),
+        }
+    }
+    Err("no call was made".to_owned())
+}
+
+/// Sends the plan's requests at their times; the front-door rooms' calls run alongside.
 async fn send_burst(
     api: Api,
     plan: Arc<Plan>,
     clock: Instant,
     answers: mpsc::UnboundedSender<Asked>,
+    events: mpsc::UnboundedSender<Event>,
     shutdown: CancellationToken,
 ) {
+    let through_front_door = front_door_rooms(&plan);
+    let mut held = tokio::task::JoinSet::new();
     for (index, request) in plan.requests.iter().enumerate() {
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep_until((clock + request.at).into()) => {}
         }
         let sent_at = Instant::now();
+        let room = plan.rooms[request.room].name.clone();
+        if through_front_door[request.room] {
+            let (api, answers, events) = (api.clone(), answers.clone(), events.clone());
+            held.spawn(async move {
+                let answer = ask_through_front_door(api, room, clock, events).await;
+                let _ = answers.send(Asked {
+                    request: index,
+                    sent_at,
+                    answer,
+                });
+            });
+            continue;
+        }
         let answer = api
-            .enqueue(&plan.rooms[request.room].name)
+            .enqueue(&room)
             .await
             .map_err(|error| format!("{error:#}"));
         let _ = answers.send(Asked {
@@ -234,6 +377,10 @@ async fn send_burst(
             sent_at,
             answer,
         });
+    }
+    tokio::select! {
+        _ = shutdown.cancelled() => held.abort_all(),
+        _ = async { while held.join_next().await.is_some() {} } => {}
     }
 }
 
@@ -490,6 +637,10 @@ async fn set_up(shutdown: &CancellationToken) -> anyhow::Result<Stage> {
             .timeout(Duration::from_secs(5))
             .build()
             .context("cannot build the HTTP client")?,
+        sdk_http: reqwest::Client::builder()
+            .timeout(Duration::from_secs(10))
+            .build()
+            .context("cannot build the HTTP client")?,
         base: format!("http://{}", running.http_addr),
         token: crate::cli::access_token(&credentials, "egress-scaler-demo")
             .context("cannot sign the demo's access token")?,
@@ -550,6 +701,7 @@ async fn play(config: &DemoConfig, shutdown: &CancellationToken) -> anyhow::Resu
     let (scale_tx, scale) = watch::channel(ScaleState::default());
     let (counts_tx, counts) = watch::channel(PodCounts::default());
     let (asked_tx, mut asked_rx) = mpsc::unbounded_channel();
+    let backend_events = events.clone();
     let autoscaler_task =
         tokio::spawn(autoscaler.run(clock, scale_tx, events.clone(), shutdown.clone()));
     let deployment_task =
@@ -559,6 +711,7 @@ async fn play(config: &DemoConfig, shutdown: &CancellationToken) -> anyhow::Resu
         Arc::clone(&plan),
         clock,
         asked_tx,
+        backend_events,
         shutdown.clone(),
     ));
 
@@ -714,6 +867,12 @@ fn header(
             running.http_addr, running.grpc_addr
         ),
         "            fleet observer and dispatcher".to_owned(),
+        format!(
+            "  real      backend calls: {} rooms ask through POST /v1/requests; {} ask as a LiveKit SDK would, through the",
+            plan.rooms.len() - front_door_rooms(plan).iter().filter(|through| **through).count(),
+            front_door_rooms(plan).iter().filter(|through| **through).count()
+        ),
+        "            Twirp front door (StartRoomCompositeEgress, held until started, called again after unavailable)".to_owned(),
         format!(
             "  stand-in  livekit-server on {}: Twirp egress API and signed webhooks",
             livekit.url()
