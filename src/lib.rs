@@ -9,6 +9,7 @@
 //! - [`queue`]: the Redis FIFO of egress requests with de-duplication and demand counters.
 //! - [`fleet`]: background observer of the egress pods' metrics: the snapshot the model reads.
 //! - [`model`]: the replica model, pure: demand + fleet snapshot + settings -> decision.
+//! - [`prewarm`]: the arrival pattern per time-of-week bucket, pure: pods ahead of it.
 //! - [`dispatch`]: one leader per queue starts the head through livekit-server, exactly once.
 //! - [`scaler`]: the KEDA external scaler gRPC service over the model.
 //! - [`tls`]: TLS and mutual TLS of the gRPC listener, certificates reloaded on change.
@@ -30,6 +31,7 @@ pub mod egress_request;
 pub mod fleet;
 pub mod intake;
 pub mod model;
+pub mod prewarm;
 pub mod queue;
 pub mod redis_server;
 pub mod scaler;

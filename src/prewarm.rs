@@ -1,0 +1,612 @@
+//! Pre-warm (DESIGN.md 4): the warm pool that knows the clock. Pure, no I/O.
+//!
+//! Every queue counts its arrivals per kind in five-minute buckets of the week (UTC), for
+//! this week and the two before ([`ArrivalHistory`] in memory, `queue/enqueue.lua` in
+//! Redis: one 4,032-byte string of 2,016 saturating `u16` counters per kind and week, so at
+//! most 12,096 bytes per kind a queue has seen, about 12 KiB for the usual one-kind queue).
+//!
+//! The rule ([`expect`]): a bucket that starts within the lead time (cold start + HPA sync +
+//! margin) is expected to bring, per kind, as many arrivals as the busiest of the days it
+//! is compared with, when the pattern was seen repeatedly:
+//! - **daily**: the same time of day on the last [`LOOKBACK_DAYS`] days of the same type
+//!   (weekdays with weekdays, Saturdays and Sundays with each other) within the last two
+//!   weeks; it acts when arrivals came on at least [`MIN_DAYS_SEEN`] of them;
+//! - **weekly**, when the daily rule does not act: the same time of the week in each of the
+//!   last two weeks (a meeting held on Mondays only).
+//!
+//! Decay: a day older than those compared is not looked at, and a week's counters are
+//! forgotten (their Redis key expires) once no lookback can reach it, two weeks after it
+//! ended. A quiet day costs one lead time of the pods of each bucket it was wrong about:
+//! a bucket counts only while its start is ahead (`now < start <= now + lead`), and the
+//! arrivals that do come are queued work from then on.
+
+use std::collections::BTreeMap;
+use serde::Serialize;
+
+use crate::model::{
+    Decision, Demand, EgressKind, FleetSnapshot, Prewarm, Settings, clamp,
+    decide_with_unseen_starts,
+};
+
+/// Length of one bucket: five minutes.
+pub const BUCKET_MS: u64 = 300_000;
+/// One day.
+pub const DAY_MS: u64 = 86_400_000;
+/// One week.
+pub const WEEK_MS: u64 = 7 * DAY_MS;
+/// Buckets in a week: 2,016.
+pub const BUCKETS_PER_WEEK: u64 = WEEK_MS / BUCKET_MS;
+/// Weeks of counters kept: this one and the two before (a lookback reaches 14 days back).
+pub const WEEKS_KEPT: u64 = 3;
+/// Bytes of one kind's counters for one week in Redis (2,016 `u16`).
+pub const BYTES_PER_KIND_WEEK: u64 = BUCKETS_PER_WEEK * 2;
+/// Days of the same type the daily rule compares.
+pub const LOOKBACK_DAYS: usize = 5;
+/// Of those, on how many arrivals must have come for the daily rule to act.
+pub const MIN_DAYS_SEEN: usize = 3;
+/// How far back the daily rule looks for days of the same type.
+pub const LOOKBACK_SPAN_DAYS: u64 = 14;
+/// Longest lead time accepted: longer would pre-warm for patterns an hour away.
+pub const MAX_LEAD_MS: u64 = 3_600_000;
+/// The default lead time: 30 s cold start + 15 s HPA sync + 15 s margin.
+pub const DEFAULT_LEAD_MS: u64 = 60_000;
+
+/// One five-minute bucket of one week (weeks counted from the Unix epoch, UTC).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct Cell {
+    /// Week number since the epoch.
+    pub week: u64,
+    /// Bucket within the week, 0..2016.
+    pub bucket: u16,
+}
+
+impl Cell {
+    /// The bucket holding time `at_ms`.
+    pub fn at(at_ms: u64) -> Cell {
+        Cell {
+            week: at_ms / WEEK_MS,
+            bucket: ((at_ms % WEEK_MS) / BUCKET_MS) as u16,
+        }
+    }
+
+    /// When the bucket starts.
+    pub fn start_ms(self) -> u64 {
+        self.week * WEEK_MS + u64::from(self.bucket) * BUCKET_MS
+    }
+
+    /// When a week's counters may be forgotten: no lookback reaches them after this.
+    pub fn forget_at_ms(self) -> u64 {
+        (self.week + WEEKS_KEPT) * WEEK_MS
+    }
+}
+
+/// Monday is 0, Sunday 6 (1970-01-01 was a Thursday).
+fn weekday(at_ms: u64) -> u64 {
+    (at_ms / DAY_MS + 3) % 7
+}
+
+fn is_weekend(at_ms: u64) -> bool {
+    weekday(at_ms) >= 5
+}
+
+const WEEKDAY_NAMES: [&str; 7] = [
+    "Mondays",
+    "Tuesdays",
+    "Wednesdays",
+    "Thursdays",
+    "Fridays",
+    "Saturdays",
+    "Sundays",
+];
+
+/// The buckets starting within the lead time: `now < start <= now + lead`.
+fn targets(now_ms: u64, lead_ms: u64) -> Vec<u64> {
+    let lead_ms = lead_ms.min(MAX_LEAD_MS);
+    let mut start = (now_ms / BUCKET_MS + 1) * BUCKET_MS;
+    let mut out = Vec::new();
+    while start <= now_ms + lead_ms {
+        out.push(start);
+        start += BUCKET_MS;
+    }
+    out
+}
+
+/// The days the daily rule compares for a bucket starting at `start`: the same time on the
+/// last [`LOOKBACK_DAYS`] days of its type within [`LOOKBACK_SPAN_DAYS`], newest first.
+fn daily_days(start: u64) -> Vec<u64> {
+    let weekend = is_weekend(start);
+    (1..=LOOKBACK_SPAN_DAYS)
+        .filter_map(|days| start.checked_sub(days * DAY_MS))
+        .filter(|day| is_weekend(*day) == weekend)
+        .take(LOOKBACK_DAYS)
+        .collect()
+}
+
+/// The times the weekly rule compares: the same time one and two weeks before.
+fn weekly_days(start: u64) -> Vec<u64> {
+    (1..WEEKS_KEPT)
+        .filter_map(|weeks| start.checked_sub(weeks * WEEK_MS))
+        .collect()
+}
+
+/// The buckets whose counts [`expect`] needs at `now_ms`, in a fixed order (the order of
+/// the counts a store returns). Empty when no bucket starts within the lead time.
+pub fn cells_to_read(now_ms: u64, lead_ms: u64) -> Vec<Cell> {
+    let mut cells: Vec<Cell> = targets(now_ms, lead_ms)
+        .into_iter()
+        .flat_map(|start| daily_days(start).into_iter().chain(weekly_days(start)))
+        .map(Cell::at)
+        .collect();
+    cells.sort();
+    cells.dedup();
+    cells
+}
+
+/// Arrivals counted per kind and bucket, as read from a store (missing means zero).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ArrivalCounts(BTreeMap<(EgressKind, Cell), u32>);
+
+impl ArrivalCounts {
+    /// Sets the count of one kind in one bucket.
+    pub fn set(&mut self, kind: EgressKind, cell: Cell, count: u32) {
+        if count > 0 {
+            self.0.insert((kind, cell), count);
+        }
+    }
+
+    /// The count of one kind in one bucket.
+    pub fn get(&self, kind: EgressKind, cell: Cell) -> u32 {
+        self.0.get(&(kind, cell)).copied().unwrap_or(0)
+    }
+
+    fn kinds(&self) -> impl Iterator<Item = EgressKind> + '_ {
+        let mut kinds: Vec<EgressKind> = self.0.keys().map(|(kind, _)| *kind).collect();
+        kinds.dedup();
+        kinds.into_iter()
+    }
+}
+
+/// Which comparison found the pattern.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Rule {
+    /// The same time on recent days of the same type.
+    Daily,
+    /// The same time of the week in recent weeks.
+    Weekly,
+}
+
+/// One pattern acted on: arrivals of one kind expected at one bucket's start.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Pattern {
+    /// When the bucket starts (ms since the epoch).
+    pub at_ms: u64,
+    /// The kind expected.
+    pub kind: EgressKind,
+    /// Arrivals expected: the most seen on any day compared.
+    pub arrivals: u64,
+    /// Days (or weeks) on which arrivals came.
+    pub seen: usize,
+    /// Days (or weeks) compared.
+    pub compared: usize,
+    /// Which comparison.
+    pub rule: Rule,
+}
+
+impl Pattern {
+    /// "seen on 4 of the last 5 weekdays".
+    pub fn seen_text(&self) -> String {
+        let days = match self.rule {
+            Rule::Daily if is_weekend(self.at_ms) => "weekend days".to_owned(),
+            Rule::Daily => "weekdays".to_owned(),
+            Rule::Weekly => WEEKDAY_NAMES[weekday(self.at_ms) as usize].to_owned(),
+        };
+        format!("seen on {} of the last {} {days}", self.seen, self.compared)
+    }
+
+    /// "10:00 UTC".
+    pub fn time_text(&self) -> String {
+        let minutes = (self.at_ms % DAY_MS) / 60_000;
+        format!("{:02}:{:02} UTC", minutes / 60, minutes % 60)
+    }
+}
+
+/// What the pattern says is coming within the lead time.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Expectation {
+    /// Arrivals expected, by kind.
+    pub arrivals: Demand,
+    /// The patterns behind them.
+    pub patterns: Vec<Pattern>,
+}
+
+/// The arrivals expected within `lead_ms` of `now_ms` (see the module docs for the rule).
+pub fn expect(now_ms: u64, lead_ms: u64, counts: &ArrivalCounts) -> Expectation {
+    let mut expectation = Expectation::default();
+    for start in targets(now_ms, lead_ms) {
+        for kind in counts.kinds() {
+            let found = judge(start, kind, Rule::Daily, &daily_days(start), counts)
+                .or_else(|| judge(start, kind, Rule::Weekly, &weekly_days(start), counts));
+            if let Some(pattern) = found {
+                expectation.arrivals.add(kind, pattern.arrivals);
+                expectation.patterns.push(pattern);
+            }
+        }
+    }
+    expectation
+}
+
+fn judge(
+    start: u64,
+    kind: EgressKind,
+    rule: Rule,
+    days: &[u64],
+    counts: &ArrivalCounts,
+) -> Option<Pattern> {
+    let seen: Vec<u32> = days
+        .iter()
+        .map(|day| counts.get(kind, Cell::at(*day)))
+        .filter(|count| *count > 0)
+        .collect();
+    let needed = match rule {
+        Rule::Daily => MIN_DAYS_SEEN,
+        Rule::Weekly => days.len().max(2),
+    };
+    (seen.len() >= needed).then(|| Pattern {
+        at_ms: start,
+        kind,
+        arrivals: u64::from(seen.iter().copied().max().unwrap_or(0)),
+        seen: seen.len(),
+        compared: days.len(),
+        rule,
+    })
+}
+
+/// [`decide_with_unseen_starts`], plus the pods the arrivals `expected` within the lead time
+/// would need beyond what the queued work, the idle pods and the warm pool already cover.
+/// Never below the answer without them; nothing added when `settings.prewarm` is off.
+pub fn decide_ahead(
+    settings: &Settings,
+    demand: &Demand,
+    fleet: &FleetSnapshot,
+    starts: &[EgressKind],
+    expected: &Expectation,
+) -> Decision {
+    let mut decision = decide_with_unseen_starts(settings, demand, fleet, starts);
+    if settings.prewarm == Prewarm::Off || expected.arrivals.total() == 0 {
+        return decision;
+    }
+    let mut ahead = demand.clone();
+    for (kind, count) in expected.arrivals.iter() {
+        ahead.add(kind, count);
+    }
+    let with_arrivals = decide_with_unseen_starts(settings, &ahead, fleet, starts);
+    // Both counts hold the warm pool once; its idle pods take expected arrivals first.
+    let pods = with_arrivals
+        .unclamped
+        .saturating_sub(decision.unclamped)
+        .saturating_sub(u64::from(settings.warm_pool));
+    if pods == 0 {
+        return decision;
+    }
+    decision.prewarm_pods = pods;
+    decision.prewarm_patterns = expected
+        .patterns
+        .iter()
+        .map(|pattern| {
+            format!(
+                "{} {} arrival(s) expected at {}, {}",
+                pattern.arrivals,
+                pattern.kind,
+                pattern.time_text(),
+                pattern.seen_text()
+            )
+        })
+        .collect();
+    decision.unclamped += pods;
+    (decision.desired, decision.clamp) = clamp(settings, decision.unclamped);
+    decision
+}
+
+/// The arrival counters of one queue kept in memory, as the Redis script keeps them: per
+/// kind and bucket, saturating at `u16::MAX`, weeks older than [`WEEKS_KEPT`] forgotten.
+/// The simulator learns with it; `serve` keeps the same counters in Redis.
+#[derive(Debug, Clone, Default)]
+pub struct ArrivalHistory {
+    counts: BTreeMap<(EgressKind, Cell), u16>,
+}
+
+impl ArrivalHistory {
+    /// Counts one arrival of `kind` at `at_ms`.
+    pub fn record(&mut self, kind: EgressKind, at_ms: u64) {
+        let cell = Cell::at(at_ms);
+        let count = self.counts.entry((kind, cell)).or_default();
+        *count = count.saturating_add(1);
+        // What Redis does by key expiry.
+        let oldest = cell.week.saturating_sub(WEEKS_KEPT - 1);
+        self.counts.retain(|(_, kept), _| kept.week >= oldest);
+    }
+
+    /// The counts of the cells asked for, at `now_ms` (forgotten weeks read as zero).
+    pub fn read(&self, now_ms: u64, cells: &[Cell]) -> ArrivalCounts {
+        let oldest = Cell::at(now_ms).week.saturating_sub(WEEKS_KEPT - 1);
+        let mut counts = ArrivalCounts::default();
+        for ((kind, cell), count) in &self.counts {
+            if cell.week >= oldest && cells.binary_search(cell).is_ok() {
+                counts.set(*kind, *cell, u32::from(*count));
+            }
+        }
+        counts
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use EgressKind::RoomComposite;
+
+    /// Monday 2024-01-01 00:00 UTC.
+    const MONDAY: u64 = 1_704_067_200_000;
+    const HOUR: u64 = 3_600_000;
+    const MINUTE: u64 = 60_000;
+
+    #[test]
+    fn the_calendar_is_right() {
+        assert_eq!(weekday(MONDAY), 0);
+        assert_eq!(weekday(MONDAY + 5 * DAY_MS), 5);
+        assert!(is_weekend(MONDAY + 6 * DAY_MS));
+        assert!(!is_weekend(MONDAY + 7 * DAY_MS));
+        // 2024-01-01 is in week 2817 since the epoch (a Thursday), 4 days + 0 h in: bucket
+        // 4 * 288 = 1152.
+        assert_eq!(
+            Cell::at(MONDAY),
+            Cell {
+                week: 2817,
+                bucket: 1152
+            }
+        );
+        assert_eq!(Cell::at(MONDAY + 10 * HOUR + 4 * MINUTE).bucket, 1152 + 120);
+        assert_eq!(Cell::at(MONDAY).start_ms(), MONDAY);
+    }
+
+    #[test]
+    fn only_buckets_starting_within_the_lead_are_targets() {
+        let ten = MONDAY + 10 * HOUR;
+        assert_eq!(targets(ten - 61_000, 60_000), Vec::<u64>::new());
+        assert_eq!(targets(ten - 60_000, 60_000), vec![ten]);
+        assert_eq!(targets(ten - 1, 60_000), vec![ten]);
+        // Once the bucket has started it is queued work, not a forecast.
+        assert_eq!(targets(ten, 60_000), Vec::<u64>::new());
+        assert_eq!(targets(ten - 1, 600_000), vec![ten, ten + BUCKET_MS]);
+    }
+
+    #[test]
+    fn weekdays_compare_with_weekdays_and_skip_the_weekend() {
+        // Tuesday of the second week: Mon, Fri, Thu, Wed, Tue before it.
+        let tuesday = MONDAY + 8 * DAY_MS + 10 * HOUR;
+        let days: Vec<u64> = daily_days(tuesday)
+            .iter()
+            .map(|d| (d - MONDAY) / DAY_MS)
+            .collect();
+        assert_eq!(days, vec![7, 4, 3, 2, 1]);
+        // Sunday of the third week: Saturday, then the weekend days of the week before, then
+        // the Sunday 14 days back: only 4 weekend days fall within two weeks.
+        let sunday = MONDAY + 20 * DAY_MS;
+        let days: Vec<u64> = daily_days(sunday)
+            .iter()
+            .map(|d| (d - MONDAY) / DAY_MS)
+            .collect();
+        assert_eq!(days, vec![19, 13, 12, 6]);
+    }
+
+    fn history(days: &[(u64, u16)], at: u64) -> ArrivalHistory {
+        let mut history = ArrivalHistory::default();
+        for (day, count) in days {
+            for _ in 0..*count {
+                history.record(RoomComposite, MONDAY + day * DAY_MS + at);
+            }
+        }
+        history
+    }
+
+    #[test]
+    fn four_of_five_weekdays_expect_the_busiest() {
+        // 10:00-10:05 on Mon..Fri of week one: 3, 0, 5, 2, 4 arrivals.
+        let history = history(&[(0, 3), (2, 5), (3, 2), (4, 4)], 10 * HOUR + MINUTE);
+        let now = MONDAY + 7 * DAY_MS + 10 * HOUR - 30_000;
+        let cells = cells_to_read(now, 60_000);
+        let expectation = expect(now, 60_000, &history.read(now, &cells));
+        assert_eq!(expectation.arrivals.count(RoomComposite), 5);
+        let pattern = &expectation.patterns[0];
+        assert_eq!(pattern.seen_text(), "seen on 4 of the last 5 weekdays");
+        assert_eq!(pattern.time_text(), "10:00 UTC");
+        assert_eq!(pattern.rule, Rule::Daily);
+    }
+
+    #[test]
+    fn two_days_are_not_a_pattern() {
+        let history = history(&[(2, 5), (4, 4)], 10 * HOUR);
+        let now = MONDAY + 7 * DAY_MS + 10 * HOUR - 30_000;
+        let expectation = expect(now, 60_000, &history.read(now, &cells_to_read(now, 60_000)));
+        assert_eq!(expectation, Expectation::default());
+    }
+
+    #[test]
+    fn a_monday_meeting_two_weeks_running_is_a_weekly_pattern() {
+        let history = history(&[(0, 6), (7, 4)], 9 * HOUR + 30 * MINUTE);
+        let now = MONDAY + 14 * DAY_MS + 9 * HOUR + 29 * MINUTE;
+        let expectation = expect(now, 60_000, &history.read(now, &cells_to_read(now, 60_000)));
+        assert_eq!(expectation.arrivals.count(RoomComposite), 6);
+        assert_eq!(
+            expectation.patterns[0].seen_text(),
+            "seen on 2 of the last 2 Mondays"
+        );
+        // One week alone is not.
+        let history = history_one_week();
+        let expectation = expect(now, 60_000, &history.read(now, &cells_to_read(now, 60_000)));
+        assert_eq!(expectation, Expectation::default());
+    }
+
+    fn history_one_week() -> ArrivalHistory {
+        history(&[(7, 4)], 9 * HOUR + 30 * MINUTE)
+    }
+
+    #[test]
+    fn weeks_beyond_the_kept_ones_are_forgotten() {
+        // Arrivals on every weekday of week one, then nothing for three weeks.
+        let history = history(&[(0, 2), (1, 2), (2, 2), (3, 2), (4, 2)], 10 * HOUR);
+        let now = MONDAY + 21 * DAY_MS + 10 * HOUR - 30_000;
+        assert_eq!(
+            history.read(now, &cells_to_read(now, 60_000)),
+            ArrivalCounts::default()
+        );
+        // A new arrival drops the old weeks from memory too: weeks run Thursday to
+        // Wednesday (the epoch's), so only week one's Thursday and Friday are in a week
+        // still kept (two before now's), though no lookback of now reaches them.
+        let mut history = history;
+        history.record(RoomComposite, now);
+        assert_eq!(history.counts.len(), 3);
+    }
+
+    #[test]
+    fn counts_saturate() {
+        let mut history = ArrivalHistory::default();
+        for _ in 0..70_000 {
+            history.record(RoomComposite, MONDAY);
+        }
+        let cells = [Cell::at(MONDAY)];
+        assert_eq!(
+            history.read(MONDAY, &cells).get(RoomComposite, cells[0]),
+            65_535
+        );
+    }
+
+    #[test]
+    fn cells_are_few_and_sorted() {
+        let now = MONDAY + 7 * DAY_MS + 10 * HOUR - 30_000;
+        let cells = cells_to_read(now, 60_000);
+        // 5 weekdays + 2 weeks back, of which last Monday is shared: 6.
+        assert_eq!(cells.len(), 6);
+        assert!(cells.windows(2).all(|pair| pair[0] < pair[1]));
+        assert!(cells_to_read(MONDAY + 10 * HOUR + MINUTE, 60_000).is_empty());
+    }
+    fn expected(kind: EgressKind, arrivals: u64) -> Expectation {
+        Expectation {
+            arrivals: Demand::from_counts([(kind, arrivals)]),
+            patterns: vec![Pattern {
+                at_ms: MONDAY + 7 * DAY_MS + 10 * HOUR,
+                kind,
+                arrivals,
+                seen: 4,
+                compared: 5,
+                rule: Rule::Daily,
+            }],
+        }
+    }
+
+    fn auto() -> Settings {
+        Settings {
+            prewarm: Prewarm::Auto,
+            ..Settings::default()
+        }
+    }
+
+    #[test]
+    fn five_composites_expected_on_an_empty_fleet_want_five_pods() {
+        let settings = auto();
+        let decision = decide_ahead(
+            &settings,
+            &Demand::default(),
+            &FleetSnapshot::default(),
+            &[],
+            &expected(RoomComposite, 5),
+        );
+        assert_eq!((decision.desired, decision.prewarm_pods), (5, 5));
+        assert!(decision.reasons(&settings).contains(
+            &"pre-warm: 5 pod(s) for 5 room_composite arrival(s) expected at 10:00 UTC, seen on 4 of the last 5 weekdays"
+                .to_owned()
+        ));
+        // Off: nothing added.
+        let off = decide_ahead(
+            &Settings::default(),
+            &Demand::default(),
+            &FleetSnapshot::default(),
+            &[],
+            &expected(RoomComposite, 5),
+        );
+        assert_eq!((off.desired, off.prewarm_pods), (0, 0));
+    }
+
+    #[test]
+    fn idle_pods_and_the_warm_pool_cover_expected_arrivals_first() {
+        use crate::model::{Pod, PodState};
+        // Two idle pods: the 5 composites need them and 3 new ones. Without the forecast
+        // desired is 0 (idle pods are spare), so all 5 are pre-warm's, 2 of them existing.
+        let fleet = FleetSnapshot {
+            pods: vec![
+                Pod::new("a", PodState::Ready),
+                Pod::new("b", PodState::Ready),
+            ],
+        };
+        let decision = decide_ahead(
+            &auto(),
+            &Demand::default(),
+            &fleet,
+            &[],
+            &expected(RoomComposite, 5),
+        );
+        assert_eq!((decision.desired, decision.prewarm_pods), (5, 5));
+        // A warm pool of 2 stands ready for 2 of them: 3 more, desired 5.
+        let settings = Settings {
+            warm_pool: 2,
+            ..auto()
+        };
+        let decision = decide_ahead(
+            &settings,
+            &Demand::default(),
+            &FleetSnapshot::default(),
+            &[],
+            &expected(RoomComposite, 5),
+        );
+        assert_eq!((decision.desired, decision.prewarm_pods), (5, 3));
+    }
+
+    #[test]
+    fn queued_work_comes_first_and_is_never_lowered() {
+        use crate::model::{Pod, PodState};
+        // A busy pod with 2 tracks (1 of 3.2 cores) takes 4 more tracks; of 13 expected,
+        // 9 need 2 new pods (6 a pod: the first on the idle rule, then 5 x 0.5 in 2.7).
+        let fleet = FleetSnapshot {
+            pods: vec![Pod::new("a", PodState::Ready).with_active("track", 2)],
+        };
+        let queued = Demand::from_counts([(EgressKind::RoomComposite, 1)]);
+        let decision = decide_ahead(
+            &auto(),
+            &queued,
+            &fleet,
+            &[],
+            &expected(EgressKind::Track, 13),
+        );
+        // Without the forecast: the busy pod + 1 new pod for the composite = 2.
+        // With it: 2 + 2 = 4.
+        assert_eq!((decision.desired, decision.prewarm_pods), (4, 2));
+        assert_eq!(decision.new_pods, 1);
+    }
+
+    #[test]
+    fn the_max_clamp_still_holds() {
+        let settings = Settings {
+            max_replicas: 3,
+            ..auto()
+        };
+        let decision = decide_ahead(
+            &settings,
+            &Demand::default(),
+            &FleetSnapshot::default(),
+            &[],
+            &expected(RoomComposite, 5),
+        );
+        assert_eq!(decision.desired, 3);
+        assert_eq!(decision.clamp, Some(crate::model::Clamp::Max));
+    }
+}
