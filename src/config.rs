@@ -15,7 +15,8 @@ use crate::dispatch::livekit::DEFAULT_REQUEST_TIMEOUT;
 use crate::dispatch::{DispatchOptions, Order};
 use crate::egress_request::StartRequest;
 use crate::fleet::{FleetConfigError, FleetOptions, FleetSource};
-use crate::model::{EgressKind, Settings, cores_to_millicores};
+use crate::kube_scale::{DeploymentRef, KubeApi, KubeScaleConfig};
+use crate::model::{EgressKind, Prewarm, Settings, cores_to_millicores};
 use crate::queue::{QueueName, ServedQueues};
 use crate::tls::TlsSettings;
 use crate::webhook::AutoRecord;
@@ -151,6 +152,17 @@ pub struct ServeArgs {
     /// Start calls to livekit-server in flight at once, per queue [default: 64].
     #[arg(long, env = "EGRESS_SCALER_MAX_IN_FLIGHT")]
     pub max_in_flight: Option<u32>,
+    /// Scale ahead of the arrival pattern learnt per time-of-week bucket: auto or off
+    /// [default: auto].
+    #[arg(long, value_name = "auto|off", env = "EGRESS_SCALER_PREWARM")]
+    pub prewarm: Option<Prewarm>,
+    /// How far ahead pre-warm looks: cold start + HPA sync + margin, seconds [default: 60].
+    #[arg(long, env = "EGRESS_SCALER_PREWARM_LEAD_SECONDS")]
+    pub prewarm_lead_seconds: Option<f64>,
+    /// Scale-up assist: raise this Deployment's replicas through the scale subresource as
+    /// soon as the default queue's desired count exceeds them (never lowers them).
+    #[arg(long, value_name = "NAMESPACE/DEPLOYMENT", env = "EGRESS_SCALER_KUBE_SCALE")]
+    pub kube_scale: Option<String>,
     /// Queue an egress of this kind for every room_started webhook.
     #[arg(long, value_name = "KIND", env = "EGRESS_SCALER_AUTO_RECORD")]
     pub auto_record: Option<EgressKind>,
@@ -529,6 +541,9 @@ struct FileConfig {
     auto_record: Option<String>,
     auto_record_rooms: Option<String>,
     auto_record_template: Option<PathBuf>,
+    prewarm: Option<String>,
+    prewarm_lead_seconds: Option<f64>,
+    kube_scale: Option<String>,
 }
 
 /// `queue` in the `--config` file: one name, or a list of them.
@@ -598,6 +613,8 @@ pub struct ServeConfig {
     /// How far a Prometheus fleet source lags behind the pods (a scrape interval): the
     /// dispatcher counts its own starts that long.
     pub prometheus_lag: Duration,
+    /// The scale-up assist's Deployment, when on.
+    pub kube_scale: Option<KubeScaleConfig>,
 }
 
 /// The most start calls in flight per queue that `--max-in-flight` accepts.
@@ -712,6 +729,34 @@ impl ServeArgs {
         settings.warm_pool = self.warm_pool.or(file.warm_pool).unwrap_or(0);
         settings.min_replicas = self.min_replicas.or(file.min_replicas).unwrap_or(0);
         settings.max_replicas = self.max_replicas.or(file.max_replicas).unwrap_or(100);
+        settings.prewarm = match (self.prewarm, file.prewarm) {
+            (Some(prewarm), _) => prewarm,
+            (None, Some(text)) => text
+                .trim()
+                .parse()
+                .map_err(|reason| invalid("--prewarm", reason))?,
+            (None, None) => Prewarm::Auto,
+        };
+        if let Some(seconds) = self.prewarm_lead_seconds.or(file.prewarm_lead_seconds) {
+            let lead = positive_seconds("--prewarm-lead-seconds", seconds)?;
+            if lead.as_millis() > u128::from(crate::prewarm::MAX_LEAD_MS) {
+                return Err(invalid("--prewarm-lead-seconds", "must be at most 3600"));
+            }
+            settings.prewarm_lead_ms = lead.as_millis() as u64;
+        }
+        let kube_scale = self
+            .kube_scale
+            .or(file.kube_scale)
+            .map(|text| {
+                text.trim()
+                    .parse::<DeploymentRef>()
+                    .map(|deployment| KubeScaleConfig {
+                        deployment,
+                        api: KubeApi::InCluster,
+                    })
+                    .map_err(|error| invalid("--kube-scale", error.to_string()))
+            })
+            .transpose()?;
         if settings.min_replicas > settings.max_replicas {
             return Err(invalid(
                 "--max-replicas",
@@ -850,6 +895,7 @@ impl ServeArgs {
             auto_record,
             holder_name,
             prometheus_lag: DEFAULT_PROMETHEUS_LAG,
+            kube_scale,
         })
     }
 }

@@ -12,6 +12,7 @@
 //! - [`prewarm`]: the arrival pattern per time-of-week bucket, pure: pods ahead of it.
 //! - [`dispatch`]: one leader per queue starts the head through livekit-server, exactly once.
 //! - [`scaler`]: the KEDA external scaler gRPC service over the model.
+//! - [`kube_scale`]: the scale-up assist, raising the egress Deployment's replicas at once.
 //! - [`tls`]: TLS and mutual TLS of the gRPC listener, certificates reloaded on change.
 //! - [`telemetry`]: the metrics registry and logging.
 //! - [`server`]: `serve`, wiring the above with one shutdown token.
@@ -30,6 +31,7 @@ pub mod egress_redact;
 pub mod egress_request;
 pub mod fleet;
 pub mod intake;
+pub mod kube_scale;
 pub mod model;
 pub mod prewarm;
 pub mod queue;
