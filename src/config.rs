@@ -220,7 +220,7 @@ pub struct StatusArgs {
 /// Flags of `simulate`.
 #[derive(Debug, Default, Args)]
 pub struct SimulateArgs {
-    /// A built-in trace (business-day, burst, night, mixed) or a CSV file
+    /// A built-in trace (business-day, burst, night, mixed, work-week, random) or a CSV file
     /// `arrival_seconds,kind,duration_seconds,room` (repeatable) [default: every built-in].
     #[arg(long, value_name = "NAME|FILE")]
     pub trace: Vec<String>,
@@ -289,7 +289,7 @@ impl SimulateArgs {
                     Err(_) => Err(invalid(
                         "--trace",
                         format!(
-                            "{name:?} is neither a built-in trace (business-day, burst, night, mixed) nor a file"
+                            "{name:?} is neither a built-in trace (business-day, burst, night, mixed, work-week, random) nor a file"
                         ),
                     )),
                 })
@@ -1145,7 +1145,14 @@ mod tests {
         assert_eq!(config.redis_url, "redis://127.0.0.1:6379");
         assert_eq!(config.grpc_listen.to_string(), "0.0.0.0:9090");
         assert_eq!(config.http_listen.to_string(), "0.0.0.0:8080");
-        assert_eq!(config.settings, Settings::default());
+        assert_eq!(
+            config.settings,
+            Settings {
+                prewarm: Prewarm::Auto,
+                ..Settings::default()
+            }
+        );
+        assert!(config.kube_scale.is_none());
         assert_eq!(config.queues.to_string(), "default");
         assert!(matches!(config.fleet_source, FleetSource::None));
         assert!(config.credentials.is_none());
@@ -1420,6 +1427,49 @@ mod tests {
         ] {
             assert_eq!(demo(&args).unwrap_err().setting, setting, "{args:?}");
         }
+    }
+
+    #[test]
+    fn prewarm_and_kube_scale_flags_and_file_keys() {
+        let config = resolve(
+            &[
+                "--prewarm",
+                "off",
+                "--prewarm-lead-seconds",
+                "90",
+                "--kube-scale",
+                "livekit/egress",
+            ],
+            &[],
+        )
+        .unwrap();
+        assert_eq!(config.settings.prewarm, Prewarm::Off);
+        assert_eq!(config.settings.prewarm_lead_ms, 90_000);
+        let kube_scale = config.kube_scale.unwrap();
+        assert_eq!(kube_scale.deployment.to_string(), "livekit/egress");
+        assert_eq!(kube_scale.api, KubeApi::InCluster);
+        for (args, setting) in [
+            (&["--prewarm-lead-seconds", "3601"][..], "--prewarm-lead-seconds"),
+            (&["--prewarm-lead-seconds", "0"][..], "--prewarm-lead-seconds"),
+            (&["--kube-scale", "egress"][..], "--kube-scale"),
+        ] {
+            assert_eq!(resolve(args, &[]).unwrap_err().setting, setting, "{args:?}");
+        }
+        let dir = std::env::temp_dir().join(format!("egress-scaler-prewarm-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("config.toml");
+        std::fs::write(&path, "prewarm = \"off\"\nkube_scale = \"ns/egress\"\n").unwrap();
+        let path_str = path.to_str().unwrap();
+        let config = resolve(&["--config", path_str], &[]).unwrap();
+        assert_eq!(config.settings.prewarm, Prewarm::Off);
+        assert_eq!(config.kube_scale.unwrap().deployment.namespace, "ns");
+        // The flag wins over the file.
+        let config = resolve(&["--config", path_str, "--prewarm", "auto"], &[]).unwrap();
+        assert_eq!(config.settings.prewarm, Prewarm::Auto);
+        std::fs::write(&path, "prewarm = \"sometimes\"\n").unwrap();
+        let error = resolve(&["--config", path_str], &[]).unwrap_err();
+        assert_eq!(error.setting, "--prewarm");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
