@@ -161,7 +161,11 @@ pub struct ServeArgs {
     pub prewarm_lead_seconds: Option<f64>,
     /// Scale-up assist: raise this Deployment's replicas through the scale subresource as
     /// soon as the default queue's desired count exceeds them (never lowers them).
-    #[arg(long, value_name = "NAMESPACE/DEPLOYMENT", env = "EGRESS_SCALER_KUBE_SCALE")]
+    #[arg(
+        long,
+        value_name = "NAMESPACE/DEPLOYMENT",
+        env = "EGRESS_SCALER_KUBE_SCALE"
+    )]
     pub kube_scale: Option<String>,
     /// Queue an egress of this kind for every room_started webhook.
     #[arg(long, value_name = "KIND", env = "EGRESS_SCALER_AUTO_RECORD")]
@@ -1449,13 +1453,20 @@ mod tests {
         assert_eq!(kube_scale.deployment.to_string(), "livekit/egress");
         assert_eq!(kube_scale.api, KubeApi::InCluster);
         for (args, setting) in [
-            (&["--prewarm-lead-seconds", "3601"][..], "--prewarm-lead-seconds"),
-            (&["--prewarm-lead-seconds", "0"][..], "--prewarm-lead-seconds"),
+            (
+                &["--prewarm-lead-seconds", "3601"][..],
+                "--prewarm-lead-seconds",
+            ),
+            (
+                &["--prewarm-lead-seconds", "0"][..],
+                "--prewarm-lead-seconds",
+            ),
             (&["--kube-scale", "egress"][..], "--kube-scale"),
         ] {
             assert_eq!(resolve(args, &[]).unwrap_err().setting, setting, "{args:?}");
         }
-        let dir = std::env::temp_dir().join(format!("egress-scaler-prewarm-{}", std::process::id()));
+        let dir =
+            std::env::temp_dir().join(format!("egress-scaler-prewarm-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("config.toml");
         std::fs::write(&path, "prewarm = \"off\"\nkube_scale = \"ns/egress\"\n").unwrap();

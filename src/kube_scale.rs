@@ -26,8 +26,8 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use ::kube::api::{Api, Patch, PatchParams};
 use k8s_openapi::api::apps::v1::Deployment;
-use kube::api::{Api, Patch, PatchParams};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -54,9 +54,7 @@ pub struct DeploymentRef {
 
 /// `--kube-scale` is not `NAMESPACE/DEPLOYMENT` with Kubernetes names.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error(
-    "{0:?} is not NAMESPACE/DEPLOYMENT (lowercase letters, digits, '-' and, in the name, '.')"
-)]
+#[error("{0:?} is not NAMESPACE/DEPLOYMENT (lowercase letters, digits, '-' and, in the name, '.')")]
 pub struct InvalidDeploymentRef(pub String);
 
 fn dns_name(text: &str, max: usize, dots: bool) -> bool {
@@ -122,14 +120,14 @@ pub enum KubeScaleError {
     Config(String),
     /// The API server answered with an error or could not be reached.
     #[error(transparent)]
-    Api(#[from] kube::Error),
+    Api(#[from] ::kube::Error),
 }
 
 impl KubeScaleError {
     /// The HTTP status of an API error answer.
     fn status(&self) -> Option<u16> {
         match self {
-            KubeScaleError::Api(kube::Error::Api(response)) => Some(response.code),
+            KubeScaleError::Api(::kube::Error::Api(response)) => Some(response.code),
             _ => None,
         }
     }
@@ -159,14 +157,14 @@ impl DeploymentScale {
     /// A client as configured.
     pub async fn connect(config: &KubeScaleConfig) -> Result<Self, KubeScaleError> {
         let kube_config = match &config.api {
-            KubeApi::InCluster => kube::Config::incluster()
+            KubeApi::InCluster => ::kube::Config::incluster()
                 .map_err(|error| KubeScaleError::Config(error.to_string()))?,
-            KubeApi::Url(url) => kube::Config::new(
+            KubeApi::Url(url) => ::kube::Config::new(
                 url.parse()
                     .map_err(|error| KubeScaleError::Config(format!("{url:?}: {error}")))?,
             ),
         };
-        let client = kube::Client::try_from(kube_config)?;
+        let client = ::kube::Client::try_from(kube_config)?;
         Ok(DeploymentScale {
             api: Api::namespaced(client, &config.deployment.namespace),
             deployment: config.deployment.clone(),
@@ -327,7 +325,14 @@ mod tests {
             }
         );
         assert!("livekit/egress.v2".parse::<DeploymentRef>().is_ok());
-        for bad in ["egress", "/egress", "livekit/", "Live/egress", "a.b/egress", "a/b/c"] {
+        for bad in [
+            "egress",
+            "/egress",
+            "livekit/",
+            "Live/egress",
+            "a.b/egress",
+            "a/b/c",
+        ] {
             assert!(bad.parse::<DeploymentRef>().is_err(), "{bad}");
         }
     }

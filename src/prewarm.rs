@@ -20,8 +20,8 @@
 //! a bucket counts only while its start is ahead (`now < start <= now + lead`), and the
 //! arrivals that do come are queued work from then on.
 
-use std::collections::BTreeMap;
 use serde::Serialize;
+use std::collections::BTreeMap;
 
 use crate::model::{
     Decision, Demand, EgressKind, FleetSnapshot, Prewarm, Settings, clamp,

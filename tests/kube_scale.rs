@@ -110,7 +110,10 @@ async fn forbidden_is_counted_and_backed_off() {
     assert_eq!(scale.raise_to(3).await.unwrap(), Raise::Forbidden);
 
     let mut registry = Registry::default();
-    let metrics = Metrics::new(&mut registry, ServedQueues::new(vec!["default".parse().unwrap()]).unwrap());
+    let metrics = Metrics::new(
+        &mut registry,
+        ServedQueues::new(vec!["default".parse().unwrap()]).unwrap(),
+    );
     let (assist, desired) = ScaleUpAssist::new();
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(run_assist(
@@ -151,7 +154,10 @@ async fn the_assist_task_raises_on_an_offer_and_skips_lower_ones() {
         .await
         .unwrap();
     let mut registry = Registry::default();
-    let metrics = Metrics::new(&mut registry, ServedQueues::new(vec!["default".parse().unwrap()]).unwrap());
+    let metrics = Metrics::new(
+        &mut registry,
+        ServedQueues::new(vec!["default".parse().unwrap()]).unwrap(),
+    );
     let (assist, desired) = ScaleUpAssist::new();
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(run_assist(scale, desired, metrics, shutdown.clone()));

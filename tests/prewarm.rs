@@ -43,7 +43,10 @@ async fn store(server: &RedisServer) -> QueueStore {
 async fn arrive(store: &QueueStore, queue: &QueueName, kind: EgressKind, at: u64, count: u64) {
     for i in 0..count {
         let room = format!("{at}-{i}");
-        let enqueued = store.enqueue(queue, request(kind, &room), at).await.unwrap();
+        let enqueued = store
+            .enqueue(queue, request(kind, &room), at)
+            .await
+            .unwrap();
         assert!(!enqueued.duplicate);
     }
 }
@@ -69,7 +72,10 @@ async fn enqueues_are_counted_per_bucket_and_read_back_for_the_lead_time() {
     let again = store
         .enqueue(
             &queue,
-            request(EgressKind::RoomComposite, &format!("{}-0", monday + 10 * HOUR + 60_000)),
+            request(
+                EgressKind::RoomComposite,
+                &format!("{}-0", monday + 10 * HOUR + 60_000),
+            ),
             monday + 10 * HOUR + 60_000,
         )
         .await
@@ -202,7 +208,12 @@ async fn get_metrics_scales_ahead_of_a_pattern_and_says_why() {
         };
         let mut client = client.clone();
         async move {
-            client.get_metrics(request).await.unwrap().into_inner().metric_values[0]
+            client
+                .get_metrics(request)
+                .await
+                .unwrap()
+                .into_inner()
+                .metric_values[0]
                 .metric_value
         }
     };

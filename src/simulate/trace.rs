@@ -471,7 +471,10 @@ mod tests {
             .iter()
             .filter(|a| (a.at + 30 * SECOND) % (30 * MINUTE) < 5 * MINUTE)
             .count();
-        assert!(on_slot * 10 >= week.arrivals.len() * 8, "mostly on the slot");
+        assert!(
+            on_slot * 10 >= week.arrivals.len() * 8,
+            "mostly on the slot"
+        );
         // The same slot differs from day to day.
         let count_at = |day: u64| {
             let slot = day * DAY + 10 * HOUR;
@@ -480,7 +483,10 @@ mod tests {
                 .filter(|a| a.at + 30 * SECOND >= slot && a.at < slot + 10 * MINUTE)
                 .count()
         };
-        assert!((0..5).any(|day| count_at(day) != count_at(day + 1)), "noise");
+        assert!(
+            (0..5).any(|day| count_at(day) != count_at(day + 1)),
+            "noise"
+        );
 
         let random = BuiltIn::Random.generate(1);
         let per_hour = random.arrivals.len() as f64 / (7.0 * 24.0);
