@@ -1,49 +1,54 @@
 //! Pre-warm (DESIGN.md 4): the warm pool that knows the clock. Pure, no I/O.
 //!
-//! Every queue counts its arrivals per kind in five-minute buckets of the week (UTC), for
-//! this week and the two before ([`ArrivalHistory`] in memory, `queue/enqueue.lua` in
-//! Redis: one 4,032-byte string of 2,016 saturating `u16` counters per kind and week, so at
-//! most 12,096 bytes per kind a queue has seen, about 12 KiB for the usual one-kind queue).
+//! Every queue counts its arrivals per kind in one-minute buckets of the week (UTC), for this
+//! week and the two before ([`ArrivalHistory`] in memory, `queue/enqueue.lua` in Redis: one
+//! 20,160-byte string of 10,080 saturating `u16` counters per kind and week, so at most
+//! 60,480 bytes per kind a queue has seen, about 61 KB for the usual one-kind queue).
 //!
-//! The rule ([`expect`]): a bucket that starts within the lead time (cold start + HPA sync +
-//! margin) is expected to bring, per kind, as many arrivals as the busiest of the days it
-//! is compared with, when the pattern was seen repeatedly:
-//! - **daily**: the same time of day on the last [`LOOKBACK_DAYS`] days of the same type
-//!   (weekdays with weekdays, Saturdays and Sundays with each other) within the last two
-//!   weeks; it acts when arrivals came on at least [`MIN_DAYS_SEEN`] of them;
-//! - **weekly**, when the daily rule does not act: the same time of the week in each of the
-//!   last two weeks (a meeting held on Mondays only).
+//! The rule ([`expect`]): for each minute that starts within the lead time (cold start + HPA
+//! sync + margin), the days it is compared with are looked at:
+//! - **daily**: the same minute on the last [`LOOKBACK_DAYS`] days of the same type (weekdays
+//!   with weekdays, Saturdays and Sundays with each other) within the last two weeks; the
+//!   pattern holds when arrivals came within [`PATTERN_WINDOW_MINUTES`] minutes of it on at
+//!   least [`MIN_DAYS_SEEN`] of them (meetings start a minute early or a few minutes late);
+//! - **weekly**, when the daily rule does not hold: the same minute of the week in each of the
+//!   last two weeks, within the same window (a meeting held on Mondays only).
 //!
-//! Decay: a day older than those compared is not looked at, and a week's counters are
-//! forgotten (their Redis key expires) once no lookback can reach it, two weeks after it
-//! ended. A quiet day costs one lead time of the pods of each bucket it was wrong about:
-//! a bucket counts only while its start is ahead (`now < start <= now + lead`), and the
-//! arrivals that do come are queued work from then on.
+//! When it holds, the minute is expected to bring, per kind, as many arrivals as it brought on
+//! the busiest of those days. Decay: a day older than those compared is not looked at, and a
+//! week's counters are forgotten (their Redis key expires) once no lookback can reach it, two
+//! weeks after it ended. A quiet day costs one lead time of the pods of each minute it was
+//! wrong about: a minute counts only while its start is ahead (`now < start <= now + lead`);
+//! once it has begun, what arrives is queued work.
+
+use std::collections::BTreeMap;
 
 use serde::Serialize;
-use std::collections::BTreeMap;
 
 use crate::model::{
     Decision, Demand, EgressKind, FleetSnapshot, Prewarm, Settings, clamp,
     decide_with_unseen_starts,
 };
 
-/// Length of one bucket: five minutes.
-pub const BUCKET_MS: u64 = 300_000;
+/// Length of one bucket: a minute.
+pub const BUCKET_MS: u64 = 60_000;
 /// One day.
 pub const DAY_MS: u64 = 86_400_000;
 /// One week.
 pub const WEEK_MS: u64 = 7 * DAY_MS;
-/// Buckets in a week: 2,016.
+/// Buckets in a week: 10,080.
 pub const BUCKETS_PER_WEEK: u64 = WEEK_MS / BUCKET_MS;
 /// Weeks of counters kept: this one and the two before (a lookback reaches 14 days back).
 pub const WEEKS_KEPT: u64 = 3;
-/// Bytes of one kind's counters for one week in Redis (2,016 `u16`).
+/// Bytes of one kind's counters for one week in Redis (10,080 `u16`).
 pub const BYTES_PER_KIND_WEEK: u64 = BUCKETS_PER_WEEK * 2;
 /// Days of the same type the daily rule compares.
 pub const LOOKBACK_DAYS: usize = 5;
 /// Of those, on how many arrivals must have come for the daily rule to act.
 pub const MIN_DAYS_SEEN: usize = 3;
+/// Arrivals within this many minutes either side of the minute count as the pattern seen
+/// that day: a five-minute window.
+pub const PATTERN_WINDOW_MINUTES: u64 = 2;
 /// How far back the daily rule looks for days of the same type.
 pub const LOOKBACK_SPAN_DAYS: u64 = 14;
 /// Longest lead time accepted: longer would pre-warm for patterns an hour away.
@@ -51,12 +56,12 @@ pub const MAX_LEAD_MS: u64 = 3_600_000;
 /// The default lead time: 30 s cold start + 15 s HPA sync + 15 s margin.
 pub const DEFAULT_LEAD_MS: u64 = 60_000;
 
-/// One five-minute bucket of one week (weeks counted from the Unix epoch, UTC).
+/// One minute of one week (weeks counted from the Unix epoch, UTC).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 pub struct Cell {
     /// Week number since the epoch.
     pub week: u64,
-    /// Bucket within the week, 0..2016.
+    /// Minute within the week, 0..10080.
     pub bucket: u16,
 }
 
@@ -129,12 +134,19 @@ fn weekly_days(start: u64) -> Vec<u64> {
         .collect()
 }
 
+/// The starts of the minutes within [`PATTERN_WINDOW_MINUTES`] of `at`.
+fn window(at: u64) -> impl Iterator<Item = u64> {
+    let span = PATTERN_WINDOW_MINUTES * BUCKET_MS;
+    (at.saturating_sub(span)..=at + span).step_by(BUCKET_MS as usize)
+}
+
 /// The buckets whose counts [`expect`] needs at `now_ms`, in a fixed order (the order of
 /// the counts a store returns). Empty when no bucket starts within the lead time.
 pub fn cells_to_read(now_ms: u64, lead_ms: u64) -> Vec<Cell> {
     let mut cells: Vec<Cell> = targets(now_ms, lead_ms)
         .into_iter()
         .flat_map(|start| daily_days(start).into_iter().chain(weekly_days(start)))
+        .flat_map(window)
         .map(Cell::at)
         .collect();
     cells.sort();
@@ -243,20 +255,23 @@ fn judge(
     days: &[u64],
     counts: &ArrivalCounts,
 ) -> Option<Pattern> {
-    let seen: Vec<u32> = days
-        .iter()
-        .map(|day| counts.get(kind, Cell::at(*day)))
-        .filter(|count| *count > 0)
-        .collect();
+    let mut seen = 0;
+    let mut busiest = 0;
+    for day in days {
+        if window(*day).any(|minute| counts.get(kind, Cell::at(minute)) > 0) {
+            seen += 1;
+        }
+        busiest = busiest.max(counts.get(kind, Cell::at(*day)));
+    }
     let needed = match rule {
         Rule::Daily => MIN_DAYS_SEEN,
         Rule::Weekly => days.len().max(2),
     };
-    (seen.len() >= needed).then(|| Pattern {
+    (seen >= needed && busiest > 0).then(|| Pattern {
         at_ms: start,
         kind,
-        arrivals: u64::from(seen.iter().copied().max().unwrap_or(0)),
-        seen: seen.len(),
+        arrivals: u64::from(busiest),
+        seen,
         compared: days.len(),
         rule,
     })
@@ -356,28 +371,35 @@ mod tests {
         assert_eq!(weekday(MONDAY + 5 * DAY_MS), 5);
         assert!(is_weekend(MONDAY + 6 * DAY_MS));
         assert!(!is_weekend(MONDAY + 7 * DAY_MS));
-        // 2024-01-01 is in week 2817 since the epoch (a Thursday), 4 days + 0 h in: bucket
-        // 4 * 288 = 1152.
+        // 2024-01-01 is in week 2817 since the epoch (a Thursday), 4 days + 0 h in: minute
+        // 4 * 1440 = 5760.
         assert_eq!(
             Cell::at(MONDAY),
             Cell {
                 week: 2817,
-                bucket: 1152
+                bucket: 5760
             }
         );
-        assert_eq!(Cell::at(MONDAY + 10 * HOUR + 4 * MINUTE).bucket, 1152 + 120);
+        assert_eq!(
+            Cell::at(MONDAY + 10 * HOUR + 4 * MINUTE + 59_999).bucket,
+            5760 + 604
+        );
         assert_eq!(Cell::at(MONDAY).start_ms(), MONDAY);
     }
 
     #[test]
     fn only_buckets_starting_within_the_lead_are_targets() {
         let ten = MONDAY + 10 * HOUR;
-        assert_eq!(targets(ten - 61_000, 60_000), Vec::<u64>::new());
+        assert_eq!(targets(ten - 60_000, 30_000), Vec::<u64>::new());
+        assert_eq!(targets(ten - 30_000, 30_000), vec![ten]);
         assert_eq!(targets(ten - 60_000, 60_000), vec![ten]);
         assert_eq!(targets(ten - 1, 60_000), vec![ten]);
-        // Once the bucket has started it is queued work, not a forecast.
-        assert_eq!(targets(ten, 60_000), Vec::<u64>::new());
-        assert_eq!(targets(ten - 1, 600_000), vec![ten, ten + BUCKET_MS]);
+        // Once the minute has begun it is queued work, not a forecast: the next one is next.
+        assert_eq!(targets(ten, 60_000), vec![ten + MINUTE]);
+        assert_eq!(
+            targets(ten - 1, 150_000),
+            vec![ten, ten + MINUTE, ten + 2 * MINUTE]
+        );
     }
 
     #[test]
@@ -411,8 +433,8 @@ mod tests {
 
     #[test]
     fn four_of_five_weekdays_expect_the_busiest() {
-        // 10:00-10:05 on Mon..Fri of week one: 3, 0, 5, 2, 4 arrivals.
-        let history = history(&[(0, 3), (2, 5), (3, 2), (4, 4)], 10 * HOUR + MINUTE);
+        // 10:00-10:01 on Mon..Fri of week one: 3, 0, 5, 2, 4 arrivals.
+        let history = history(&[(0, 3), (2, 5), (3, 2), (4, 4)], 10 * HOUR + 20_000);
         let now = MONDAY + 7 * DAY_MS + 10 * HOUR - 30_000;
         let cells = cells_to_read(now, 60_000);
         let expectation = expect(now, 60_000, &history.read(now, &cells));
@@ -421,6 +443,29 @@ mod tests {
         assert_eq!(pattern.seen_text(), "seen on 4 of the last 5 weekdays");
         assert_eq!(pattern.time_text(), "10:00 UTC");
         assert_eq!(pattern.rule, Rule::Daily);
+    }
+
+    #[test]
+    fn arrivals_a_few_minutes_off_still_show_the_pattern() {
+        // 10:00 on Monday and Wednesday; 09:58 on Thursday, 10:02 on Friday: seen on 4 days
+        // within two minutes, and the busiest day at 10:00 itself brought 5.
+        let mut history = history(&[(0, 3), (2, 5)], 10 * HOUR);
+        for _ in 0..2 {
+            history.record(RoomComposite, MONDAY + 3 * DAY_MS + 9 * HOUR + 58 * MINUTE);
+            history.record(RoomComposite, MONDAY + 4 * DAY_MS + 10 * HOUR + 2 * MINUTE);
+        }
+        let now = MONDAY + 7 * DAY_MS + 10 * HOUR - 30_000;
+        let expectation = expect(now, 60_000, &history.read(now, &cells_to_read(now, 60_000)));
+        assert_eq!(expectation.arrivals.count(RoomComposite), 5);
+        assert_eq!(
+            expectation.patterns[0].seen_text(),
+            "seen on 4 of the last 5 weekdays"
+        );
+        // At 10:03 the minute ahead brought nothing on any day: nothing expected, though the
+        // pattern is near.
+        let now = MONDAY + 7 * DAY_MS + 10 * HOUR + 2 * MINUTE + 30_000;
+        let expectation = expect(now, 60_000, &history.read(now, &cells_to_read(now, 60_000)));
+        assert_eq!(expectation, Expectation::default());
     }
 
     #[test]
@@ -485,10 +530,10 @@ mod tests {
     fn cells_are_few_and_sorted() {
         let now = MONDAY + 7 * DAY_MS + 10 * HOUR - 30_000;
         let cells = cells_to_read(now, 60_000);
-        // 5 weekdays + 2 weeks back, of which last Monday is shared: 6.
-        assert_eq!(cells.len(), 6);
+        // 5 weekdays + 2 weeks back, of which last Monday is shared: 6 days, 5 minutes each.
+        assert_eq!(cells.len(), 30);
         assert!(cells.windows(2).all(|pair| pair[0] < pair[1]));
-        assert!(cells_to_read(MONDAY + 10 * HOUR + MINUTE, 60_000).is_empty());
+        assert!(cells_to_read(MONDAY + 10 * HOUR + MINUTE, 0).is_empty());
     }
     fn expected(kind: EgressKind, arrivals: u64) -> Expectation {
         Expectation {

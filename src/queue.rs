@@ -40,7 +40,7 @@
 //! | `egress-scaler:{q}:egress` | HASH | LiveKit egress id -> id of its active ticket |
 //! | `egress-scaler:{q}:recorded:<egress id>` | STRING | the ticket the egress was recorded for, kept `finished_ttl`: an egress is never adopted by a second ticket |
 //! | `egress-scaler:{q}:egress_over:<egress id>` | HASH | `state`, `error` of an egress whose end was reported before its start was recorded; 15 minutes |
-//! | `egress-scaler:{q}:arrivals:<kind>:<week>` | STRING | pre-warm's arrival counters (`crate::prewarm`): 2,016 saturating `u16` (`BITFIELD`), one per five-minute bucket of week `<week>` since the epoch; 4,032 bytes; expires three weeks after the week began |
+//! | `egress-scaler:{q}:arrivals:<kind>:<week>` | STRING | pre-warm's arrival counters (`crate::prewarm`): 10,080 saturating `u16` (`BITFIELD`), one per minute of week `<week>` since the epoch; 20,160 bytes; expires three weeks after the week began |
 //! | `egress-scaler:{q}:arrivals:kinds` | SET | the kinds that have arrival counters |
 //! | `egress-scaler:{q}:room:<room name>` | SET | ids of the queued tickets of one room |
 //! | `egress-scaler:{q}:events` | pub/sub channel | the queue name is published on every change (classic `PUBLISH`: every node of a cluster hears it) |

@@ -31,8 +31,8 @@ redis.call('ZADD', pending, n, id)
 redis.call('HSET', dedup, dedup_key, id)
 redis.call('HINCRBY', demand, kind, 1)
 redis.call('HINCRBY', queued, kind, 1)
--- The arrival pattern pre-warm learns from (src/prewarm.rs): a string of 2,016 saturating u16
--- counters (five-minute buckets) per kind and week, forgotten when no lookback reaches it.
+-- The arrival pattern pre-warm learns from (src/prewarm.rs): a string of 10,080 saturating u16
+-- counters (one-minute buckets) per kind and week, forgotten when no lookback reaches it.
 local arrivals, kinds_seen = prefix .. 'arrivals:' .. kind .. ':' .. ARGV[12], prefix .. 'arrivals:kinds'
 redis.call('BITFIELD', arrivals, 'OVERFLOW', 'SAT', 'INCRBY', 'u16', '#' .. ARGV[13], 1)
 redis.call('PEXPIREAT', arrivals, ARGV[14])
