@@ -250,9 +250,24 @@ pub struct SimulateArgs {
     /// Cost table override, KIND=CORES (repeatable).
     #[arg(long = "cost", value_name = "KIND=CORES", value_delimiter = ',')]
     pub cost: Vec<String>,
-    /// Most pods any policy may run.
-    #[arg(long, default_value_t = 100)]
-    pub max_replicas: u32,
+    /// The HPA ceiling of every policy, and egress-scaler's `--max-replicas` [default: the
+    /// ScaledObject's maxReplicaCount, 40 as shipped].
+    #[arg(long)]
+    pub max_replicas: Option<u32>,
+    /// The egress-scaler policy's ScaledObject [default: the shipped keda/scaledobject.yaml].
+    #[arg(long, value_name = "FILE")]
+    pub scaled_object: Option<PathBuf>,
+    /// The cluster's HPA tolerance (`--horizontal-pod-autoscaler-tolerance`).
+    #[arg(long, default_value_t = 0.1)]
+    pub hpa_tolerance: f64,
+    /// The cluster ignores a ScaledObject's `behavior.*.tolerance` (Kubernetes before 1.35
+    /// without the HPAConfigurableTolerance gate, or KEDA before 2.18): --hpa-tolerance applies.
+    #[arg(long)]
+    pub no_per_hpa_tolerance: bool,
+    /// Seconds `FROM-UNTIL` in which the scaler's reads fail (Redis or the fleet unavailable),
+    /// to play KEDA's fallback (repeatable).
+    #[arg(long, value_name = "FROM-UNTIL")]
+    pub scaler_outage: Vec<String>,
     /// The HPA controller's sync period, seconds (a cluster-wide setting).
     #[arg(long, default_value_t = 15.0)]
     pub hpa_sync: f64,
@@ -319,10 +334,55 @@ impl SimulateArgs {
             &self.cost,
         )?;
         options.settings.warm_pool = self.warm_pool;
-        if self.max_replicas == 0 {
+        if let Some(path) = &self.scaled_object {
+            let text = std::fs::read_to_string(path).map_err(|error| {
+                invalid(
+                    "--scaled-object",
+                    format!("cannot read {}: {error}", path.display()),
+                )
+            })?;
+            options.egress_scaler =
+                crate::kube::ScaledObject::from_yaml(&text).map_err(|error| {
+                    invalid("--scaled-object", format!("{}: {error}", path.display()))
+                })?;
+        }
+        let ceiling = self
+            .max_replicas
+            .unwrap_or(options.egress_scaler.keda.max_replicas);
+        if ceiling == 0 {
             return Err(invalid("--max-replicas", "must be at least 1"));
         }
-        options.settings.max_replicas = self.max_replicas;
+        options.ceiling = ceiling;
+        options.settings.max_replicas = ceiling;
+        if !(0.0..1.0).contains(&self.hpa_tolerance) {
+            return Err(invalid(
+                "--hpa-tolerance",
+                format!("{} is not in [0, 1)", self.hpa_tolerance),
+            ));
+        }
+        options.tolerance = crate::kube::ClusterTolerance {
+            default: self.hpa_tolerance,
+            per_hpa: !self.no_per_hpa_tolerance,
+        };
+        for span in &self.scaler_outage {
+            let parsed = span.split_once('-').and_then(|(from, until)| {
+                Some((
+                    from.trim().parse::<f64>().ok()?,
+                    until.trim().parse::<f64>().ok()?,
+                ))
+            });
+            let Some((from, until)) = parsed.filter(|(from, until)| from < until) else {
+                return Err(invalid(
+                    "--scaler-outage",
+                    format!("{span:?} is not FROM-UNTIL seconds with FROM < UNTIL"),
+                ));
+            };
+            options.scaler_outages.push((
+                sim_millis("--scaler-outage", from, true)?,
+                sim_millis("--scaler-outage", until, true)?,
+            ));
+        }
+        options.pod_uid_seed = self.seed;
         options.cold_start = sim_millis("--cold-start", self.cold_start, true)?;
         options.hpa_sync = sim_millis("--hpa-sync", self.hpa_sync, false)?;
         options.no_capacity_wait = sim_millis("--no-capacity-wait", self.no_capacity_wait, true)?;

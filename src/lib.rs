@@ -9,13 +9,15 @@
 //! - [`queue`]: the Redis FIFO of egress requests with de-duplication and demand counters.
 //! - [`fleet`]: background observer of the egress pods' metrics: the snapshot the model reads.
 //! - [`model`]: the replica model, pure: demand + fleet snapshot + settings -> decision.
-//! - [`prewarm`]: the arrival pattern per time-of-week bucket, pure: pods ahead of it.
+//! - [`prewarm`]: the arrival pattern per minute of the week, pure: pods ahead of it.
 //! - [`dispatch`]: one leader per queue starts the head through livekit-server, exactly once.
 //! - [`scaler`]: the KEDA external scaler gRPC service over the model.
 //! - [`kube_scale`]: the scale-up assist, raising the egress Deployment's replicas at once.
 //! - [`tls`]: TLS and mutual TLS of the gRPC listener, certificates reloaded on change.
 //! - [`telemetry`]: the metrics registry and logging.
 //! - [`server`]: `serve`, wiring the above with one shutdown token.
+//! - [`kube`]: KEDA, the HPA and the ReplicaSet as the real controllers decide, pure: the one
+//!   model of Kubernetes under `simulate` and the demo.
 //! - [`simulate`]: scaling policies side by side on a trace, in virtual time, over [`model`].
 //! - [`cli`]: the subcommands, `enqueue` and `status` as clients of the HTTP API.
 //! - [`demo`]: `demo`, a burst of recordings played on this machine against stand-ins.
@@ -31,6 +33,7 @@ pub mod egress_redact;
 pub mod egress_request;
 pub mod fleet;
 pub mod intake;
+pub mod kube;
 pub mod kube_scale;
 pub mod model;
 pub mod prewarm;

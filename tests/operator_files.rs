@@ -7,11 +7,11 @@ use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use egress_scaler::kube::ScaledObject;
 use egress_scaler::model::Settings;
 use egress_scaler::queue::QueueName;
 use egress_scaler::scaler::{METADATA_KEYS, parse_metadata};
-use egress_scaler::simulate::ScaledObjectSettings;
-use egress_scaler::simulate::kube::{Behavior, Keda, RatePolicy, ScalingRules, Select};
+use egress_scaler::simulate::SimOptions;
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -368,55 +368,21 @@ fn the_dockerfile_builds_a_static_non_root_image_without_a_shell() {
     assert!(Path::new(&root().join(".dockerignore")).is_file());
 }
 
-/// One direction of the HPA behavior of a ScaledObject, as the simulator models it.
-fn scaling_rules(rules: &Value) -> ScalingRules {
-    let seconds = |value: &Value| value.as_u64().expect("a number of seconds") * 1000;
-    let policies = rules["policies"]
-        .as_array()
-        .expect("policies")
-        .iter()
-        .map(|policy| {
-            let value = policy["value"].as_u64().unwrap() as u32;
-            let period = seconds(&policy["periodSeconds"]);
-            match str_at(policy, "/type") {
-                "Pods" => RatePolicy::Pods { value, period },
-                "Percent" => RatePolicy::Percent { value, period },
-                other => panic!("policy type {other}"),
-            }
-        })
-        .collect();
-    ScalingRules {
-        stabilization: seconds(&rules["stabilizationWindowSeconds"]),
-        tolerance: rules["tolerance"].as_f64().unwrap_or(0.1),
-        select: match str_at(rules, "/selectPolicy") {
-            "Max" => Select::Max,
-            "Min" => Select::Min,
-            other => panic!("selectPolicy {other}"),
-        },
-        policies,
-    }
-}
-
 #[test]
 fn simulate_plays_the_shipped_scaled_objects() {
-    let shipped = ScaledObjectSettings::shipped();
+    // The simulator's and the demo's defaults are read from keda/scaledobject.yaml itself; the
+    // pull variant differs only in its trigger and polling.
+    let shipped = ScaledObject::shipped();
+    let options = SimOptions::default();
+    assert_eq!(options.egress_scaler, shipped);
+    assert_eq!(options.ceiling, shipped.keda.max_replicas);
+    assert_eq!(options.settings.max_replicas, shipped.keda.max_replicas);
     for (file, push, polling) in [
         ("keda/scaledobject.yaml", true, shipped.keda.polling),
         ("keda/scaledobject-pull.yaml", false, 5_000),
     ] {
-        let object = &documents(file)[0];
-        let behavior = &object["spec"]["advanced"]["horizontalPodAutoscalerConfig"]["behavior"];
-        let read = ScaledObjectSettings {
-            keda: Keda {
-                polling: object["spec"]["pollingInterval"].as_u64().unwrap() * 1000,
-                cooldown: object["spec"]["cooldownPeriod"].as_u64().unwrap() * 1000,
-                push: str_at(object, "/spec/triggers/0/type") == "external-push",
-            },
-            behavior: Behavior {
-                scale_up: scaling_rules(&behavior["scaleUp"]),
-                scale_down: scaling_rules(&behavior["scaleDown"]),
-            },
-        };
+        let text = std::fs::read_to_string(root().join(file)).unwrap();
+        let read = ScaledObject::from_yaml(&text).unwrap();
         let mut expected = shipped.clone();
         expected.keda.push = push;
         expected.keda.polling = polling;

@@ -30,9 +30,12 @@ fn temp_dir(name: &str) -> std::path::PathBuf {
 #[test]
 fn every_policy_gets_a_row_and_the_files_are_written() {
     let dir = temp_dir("simulate-out");
+    // A burst of 100 room composites needs 100 pods: lift the shipped ceiling of 40.
     let output = simulate(&[
         "--trace",
         "burst",
+        "--max-replicas",
+        "100",
         "--out",
         dir.to_str().unwrap(),
         "--sweep",
@@ -58,6 +61,11 @@ fn every_policy_gets_a_row_and_the_files_are_written() {
         text.contains("cheapest setting with p99 wait under 60 s"),
         "{text}"
     );
+    assert!(
+        text.contains("ceiling: egress-scaler without one runs up to 100 pods at once"),
+        "{text}"
+    );
+    assert!(text.contains("the ceiling here, 100, is enough"), "{text}");
 
     let json: Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("burst.json")).unwrap()).unwrap();
@@ -122,6 +130,69 @@ fn a_csv_trace_is_played_and_a_bad_line_is_named() {
 }
 
 #[test]
+fn the_shipped_ceiling_and_the_cluster_tolerance_show_in_the_table() {
+    // Without flags the table plays the shipped files: a ceiling of 40, too low for a burst of
+    // 100 room composites.
+    let output = simulate(&["--trace", "burst", "--policy", "egress-scaler"]);
+    let text = stdout(&output);
+    assert!(output.status.success(), "{text}{}", stderr(&output));
+    assert!(text.contains("ceiling 40, tolerance 0.1 unless"), "{text}");
+    assert!(
+        text.contains("the ceiling here, 40, is too low: requests wait for recordings to end"),
+        "{text}"
+    );
+    let output = simulate(&[
+        "--trace",
+        "burst",
+        "--policy",
+        "egress-scaler",
+        "--no-per-hpa-tolerance",
+        "--scaler-outage",
+        "600-900",
+    ]);
+    let text = stdout(&output);
+    assert!(output.status.success(), "{text}{}", stderr(&output));
+    assert!(
+        text.contains("tolerance 0.1 (the ScaledObject's ignored)"),
+        "{text}"
+    );
+}
+
+#[test]
+fn a_scaled_object_file_is_played_and_a_bad_one_is_named() {
+    let dir = temp_dir("simulate-scaled-object");
+    std::fs::create_dir_all(&dir).unwrap();
+    let good = dir.join("so.yaml");
+    std::fs::write(
+        &good,
+        "kind: ScaledObject\nspec:\n  maxReplicaCount: 12\n  triggers:\n    - type: external-push\n",
+    )
+    .unwrap();
+    let output = simulate(&[
+        "--trace",
+        "night",
+        "--policy",
+        "egress-scaler",
+        "--scaled-object",
+        good.to_str().unwrap(),
+    ]);
+    let text = stdout(&output);
+    assert!(output.status.success(), "{text}{}", stderr(&output));
+    assert!(text.contains("ceiling 12"), "{text}");
+    let bad = dir.join("bad.yaml");
+    std::fs::write(&bad, "kind: ScaledObject\nspec:\n  fallback:\n    failureThreshold: 3\n    replicas: 1\n    behavior: sometimes\n").unwrap();
+    let output = simulate(&["--scaled-object", bad.to_str().unwrap()]);
+    assert_eq!(output.status.code(), Some(2));
+    let error = stderr(&output);
+    assert!(
+        error.contains("invalid setting --scaled-object")
+            && error.contains("spec.fallback.behavior"),
+        "{error}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
 fn bad_flags_exit_2_naming_the_setting() {
     for (args, expected) in [
         (vec!["--trace", "weekend"], "invalid setting --trace"),
@@ -138,6 +209,18 @@ fn bad_flags_exit_2_naming_the_setting() {
         (vec!["--cold-start=-1"], "invalid setting --cold-start"),
         (vec!["--cost", "track=lots"], "invalid setting --cost"),
         (vec!["--cpu-target", "1.5"], "invalid setting --cpu-target"),
+        (
+            vec!["--hpa-tolerance", "1.5"],
+            "invalid setting --hpa-tolerance",
+        ),
+        (
+            vec!["--scaler-outage", "9-3"],
+            "invalid setting --scaler-outage",
+        ),
+        (
+            vec!["--max-replicas", "0"],
+            "invalid setting --max-replicas",
+        ),
     ] {
         let output = simulate(&args);
         assert_eq!(output.status.code(), Some(2), "{args:?}");

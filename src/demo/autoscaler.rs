@@ -1,20 +1,19 @@
 //! A stand-in for KEDA and the HPA it drives, calling the real gRPC service.
 //!
-//! What it follows (DESIGN.md 2.4 and the shipped `keda/scaledobject.yaml`):
-//! - KEDA holds `StreamIsActive` open; a `true` while at 0 replicas scales to 1 at once.
-//! - Every sync, KEDA asks `IsActive` and the HPA asks `GetMetrics`. The HPA (`AverageValue`
-//!   target from `GetMetricSpec`) wants `ceil(value / target)` pods; it ignores a change
-//!   within its tolerance (0 on the way up, as the ScaledObject sets, 10% on the way down, the
-//!   Kubernetes default), and scales down only to the highest recommendation of its
-//!   stabilization window. Its floor is 1 pod: only KEDA scales to 0, once `IsActive` has been
-//!   false for the cooldown period. No rate policies: the shipped ones are there for hour-long
-//!   drains, which the demo does not play.
-//! - A failed call changes nothing: KEDA and the HPA keep the current replica count.
+//! The rules are [`crate::kube`]'s, the same `simulate` plays, with the shipped
+//! `keda/scaledobject.yaml` (its fallback, tolerances, rate policies) on a faster clock: the
+//! sync period, the scale-down window and the cooldown of [`AutoscalerTiming`].
+//! - KEDA holds `StreamIsActive` open; each `true` runs KEDA's scale step at once: from 0 it
+//!   scales to 1, at any count it starts the cooldown again.
+//! - Every sync, KEDA asks `IsActive` and the HPA asks `GetMetrics`. A failed call counts
+//!   towards the fallback: past `failureThreshold` failures in a row the trigger counts as
+//!   active and the HPA reads max(current, 1) pods (`currentReplicasIfHigher`); before that,
+//!   nothing changes.
 //!
-//! [`Hpa`] and [`Keda`] are the rules, without I/O; [`Autoscaler`] runs them against the
-//! gRPC service and publishes the replica count the egress Deployment stand-in follows.
+//! [`Autoscaler`] runs the rules against the gRPC service and publishes the replica count the
+//! egress Deployment stand-in follows.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -24,6 +23,10 @@ use tonic::Streaming;
 use tonic::transport::Channel;
 
 use super::Event;
+use crate::kube::{
+    Activity, ClusterTolerance, Hpa, Keda, KedaAction, KedaState, MetricReading, Millis,
+    RatePolicy, ScaledObject,
+};
 use crate::scaler::proto::external_scaler_client::ExternalScalerClient;
 use crate::scaler::proto::{GetMetricsRequest, IsActiveResponse, ScaledObjectRef};
 
@@ -32,111 +35,36 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(3);
 /// KEDA's first reconnect delay after an activation stream ends.
 const RECONNECT_DELAY: Duration = Duration::from_secs(2);
 
-/// The HPA's settings for one `AverageValue` external metric.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct HpaPolicy {
-    /// The metric's `AverageValue` target per pod.
-    pub target: f64,
-    /// Relative change ignored on the way up.
-    pub scale_up_tolerance: f64,
-    /// Relative change ignored on the way down.
-    pub scale_down_tolerance: f64,
-    /// Scale down only to the highest recommendation of this window.
-    pub scale_down_window: Duration,
-    /// The HPA's floor (KEDA makes it at least 1).
-    pub min_replicas: u32,
-    /// The ceiling (`maxReplicaCount`).
-    pub max_replicas: u32,
-}
-
-impl HpaPolicy {
-    /// The recommendation of one metric reading, before stabilization.
-    fn recommend(&self, current: u32, metric: f64) -> u32 {
-        let wanted = (metric / self.target).ceil().max(0.0) as u32;
-        if current == 0 {
-            return wanted;
+/// The shipped ScaledObject on the demo's clock: the sync period stands for 15 s (rate policy
+/// periods and polling), and the scale-down window, cooldown and ceiling are the demo's.
+pub fn demo_scaled_object(timing: &AutoscalerTiming) -> ScaledObject {
+    let mut object = ScaledObject::shipped();
+    let sync = millis(timing.sync);
+    let rescale = |policy: &mut RatePolicy| {
+        *policy = match *policy {
+            RatePolicy::Pods { value, .. } => RatePolicy::Pods {
+                value,
+                period: sync,
+            },
+            RatePolicy::Percent { value, .. } => RatePolicy::Percent {
+                value,
+                period: sync,
+            },
         }
-        let ratio = metric / (self.target * f64::from(current));
-        let within =
-            (1.0 - self.scale_down_tolerance) <= ratio && ratio <= (1.0 + self.scale_up_tolerance);
-        if within { current } else { wanted }
+    };
+    if let Some(behavior) = object.behavior.as_mut() {
+        behavior.scale_up.policies.iter_mut().for_each(rescale);
+        behavior.scale_down.policies.iter_mut().for_each(rescale);
+        behavior.scale_down.stabilization = millis(timing.scale_down_window);
     }
+    object.keda.polling = sync;
+    object.keda.cooldown = millis(timing.cooldown);
+    object.keda.max_replicas = timing.max_replicas;
+    object
 }
 
-/// What one HPA sync decided.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct HpaDecision {
-    /// The replica count to set.
-    pub replicas: u32,
-    /// What this reading alone recommended (before the window and the clamp).
-    pub recommended: u32,
-}
-
-/// The HPA's rule with its memory of recent recommendations.
-#[derive(Debug, Clone)]
-pub struct Hpa {
-    policy: HpaPolicy,
-    /// Unstabilized recommendations still inside the scale-down window: (when, replicas).
-    recent: VecDeque<(Duration, u32)>,
-}
-
-impl Hpa {
-    /// An HPA with no history.
-    pub fn new(policy: HpaPolicy) -> Self {
-        Hpa {
-            policy,
-            recent: VecDeque::new(),
-        }
-    }
-
-    /// One sync at `now` (time since any fixed start) with `current` replicas and a reading.
-    pub fn sync(&mut self, now: Duration, current: u32, metric: f64) -> HpaDecision {
-        let recommended = self.policy.recommend(current, metric);
-        let window = self.policy.scale_down_window;
-        self.recent.retain(|(at, _)| *at + window > now);
-        let highest = self
-            .recent
-            .iter()
-            .map(|(_, replicas)| *replicas)
-            .fold(recommended, u32::max);
-        // The scale-up window is 0: a higher recommendation applies at once; a lower one only
-        // down to the highest of the window.
-        let replicas = current.max(recommended).min(highest);
-        self.recent.push_back((now, recommended));
-        HpaDecision {
-            replicas: replicas.clamp(self.policy.min_replicas, self.policy.max_replicas),
-            recommended,
-        }
-    }
-}
-
-/// KEDA's own part: activation from 0 and the cooldown back to 0.
-#[derive(Debug, Clone)]
-pub struct Keda {
-    cooldown: Duration,
-    last_active: Duration,
-}
-
-impl Keda {
-    /// Counts as active at `now` (KEDA starts its cooldown clock when the object appears).
-    pub fn new(now: Duration, cooldown: Duration) -> Self {
-        Keda {
-            cooldown,
-            last_active: now,
-        }
-    }
-
-    /// The replica count after learning at `now` whether the queue is active.
-    pub fn observe(&mut self, now: Duration, active: bool, replicas: u32) -> u32 {
-        if active {
-            self.last_active = now;
-            replicas.max(1)
-        } else if replicas > 0 && now >= self.last_active + self.cooldown {
-            0
-        } else {
-            replicas
-        }
-    }
+fn millis(duration: Duration) -> Millis {
+    duration.as_millis() as Millis
 }
 
 /// What the autoscaler shows: the replica count it set and the last metric it read.
@@ -166,8 +94,10 @@ pub struct Autoscaler {
     client: ExternalScalerClient<Channel>,
     object: ScaledObjectRef,
     metric_name: String,
+    target: f64,
     hpa: Hpa,
     keda: Keda,
+    keda_state: KedaState,
     timing: AutoscalerTiming,
     state: ScaleState,
     failing: bool,
@@ -207,20 +137,16 @@ impl Autoscaler {
             spec.target_size as f64
         };
         anyhow::ensure!(target > 0.0, "GetMetricSpec answered a target of {target}");
-        let policy = HpaPolicy {
-            target,
-            scale_up_tolerance: 0.0,
-            scale_down_tolerance: 0.1,
-            scale_down_window: timing.scale_down_window,
-            min_replicas: 1,
-            max_replicas: timing.max_replicas,
-        };
+        let scaled_object = demo_scaled_object(&timing);
+        let _ = now; // KEDA's clock starts with the object; it holds no replicas yet
         Ok(Autoscaler {
             client,
             object,
             metric_name: spec.metric_name,
-            hpa: Hpa::new(policy),
-            keda: Keda::new(now, timing.cooldown),
+            target,
+            hpa: Hpa::new(scaled_object.hpa_spec(ClusterTolerance::default())),
+            keda: scaled_object.keda,
+            keda_state: KedaState::default(),
             timing,
             state: ScaleState::default(),
             failing: false,
@@ -253,8 +179,8 @@ impl Autoscaler {
                     Ok(Some(answer)) => {
                         if answer.result {
                             let now = clock.elapsed();
-                            let replicas = self.keda.observe(now, true, self.state.replicas);
-                            self.apply(replicas, now, "StreamIsActive sent true (activation)", &state, &events);
+                            let action = self.keda_state.push(&self.keda, millis(now), self.state.replicas, true);
+                            self.keda_act(action, now, "StreamIsActive sent true (activation)", &state, &events);
                         }
                     }
                     Ok(None) | Err(_) => {
@@ -308,52 +234,90 @@ impl Autoscaler {
                     .map_err(|status| format!("IsActive answered {}", status.code()))
             });
         let now = clock.elapsed();
-        let (metric, active) = match (metric, active) {
-            (Ok(metric), Ok(active)) => (metric, active),
-            (Err(error), _) | (_, Err(error)) => {
-                if !self.failing {
-                    let text = format!(
-                        "{error}; keeping {} replica(s), as KEDA does",
-                        self.state.replicas
-                    );
-                    let _ = events.send(Event::new(now, SOURCE, text));
-                }
-                self.failing = true;
-                return;
-            }
-        };
-        self.failing = false;
-        self.state.desired = Some(metric.max(0.0).ceil() as u32);
-        state.send_replace(self.state);
         let before = self.state.replicas;
-        let after_keda = self.keda.observe(now, active, before);
-        if after_keda != before {
-            let reason = if active {
-                "IsActive is true".to_owned()
-            } else {
-                format!(
-                    "IsActive has been false for the {} s cooldown",
-                    self.timing.cooldown.as_secs_f64()
-                )
-            };
-            self.apply(after_keda, now, &reason, state, events);
+        let failure = metric.as_ref().err().or(active.as_ref().err()).cloned();
+        let activity = match (&failure, active) {
+            (Some(_), _) => Activity::Failed,
+            (None, Ok(true)) => Activity::Active,
+            (None, _) => Activity::Inactive,
+        };
+        if let Some(error) = &failure {
+            if !self.failing {
+                let text = format!("{error}; KEDA keeps {before} replica(s) until its fallback");
+                let _ = events.send(Event::new(now, SOURCE, text));
+            }
+            self.failing = true;
+        } else {
+            self.failing = false;
+        }
+        if let Ok(metric) = metric {
+            self.state.desired = Some(metric.max(0.0).ceil() as u32);
+            state.send_replace(self.state);
+        }
+        let action = self
+            .keda_state
+            .check(&self.keda, millis(now), before, activity);
+        let reason = match activity {
+            Activity::Failed => format!(
+                "{} failed reads in a row, past the fallback threshold: the trigger counts as active",
+                self.keda_state.failures()
+            ),
+            Activity::Active => "IsActive is true".to_owned(),
+            Activity::Inactive => format!(
+                "IsActive has been false for the {} s cooldown",
+                self.timing.cooldown.as_secs_f64()
+            ),
+        };
+        if self.keda_act(action, now, &reason, state, events) {
             return;
         }
         if before == 0 {
             // The HPA does nothing while the target has no replicas.
             return;
         }
-        let decision = self.hpa.sync(now, before, metric);
-        let reason = if decision.replicas > decision.recommended && decision.replicas < before {
+        let answer = metric.ok();
+        let Some(value) = self
+            .keda_state
+            .metric(&self.keda, before, self.target, answer)
+        else {
+            return; // no reading: the HPA keeps its count
+        };
+        let reading = MetricReading::AverageValue {
+            value,
+            target: self.target,
+        };
+        let decision = self.hpa.sync(millis(now), before, reading);
+        let reason = if answer.is_none() {
+            format!("GetMetrics failing: KEDA's fallback answers {value}")
+        } else if decision.replicas > decision.recommended && decision.replicas < before {
             format!(
-                "GetMetrics answered {metric}; the highest of the last {} s was {}",
+                "GetMetrics answered {value}; the highest of the last {} s was {}",
                 self.timing.scale_down_window.as_secs_f64(),
                 decision.replicas
             )
         } else {
-            format!("GetMetrics answered {metric}")
+            format!("GetMetrics answered {value}")
         };
         self.apply(decision.replicas, now, &reason, state, events);
+    }
+
+    /// Carries out KEDA's action; whether it changed the count.
+    fn keda_act(
+        &mut self,
+        action: KedaAction,
+        now: Duration,
+        reason: &str,
+        state: &watch::Sender<ScaleState>,
+        events: &mpsc::UnboundedSender<Event>,
+    ) -> bool {
+        let replicas = match action {
+            KedaAction::Nothing => return false,
+            KedaAction::Activate => self.keda.hpa_min_replicas(),
+            KedaAction::Deactivate => self.keda.min_replicas,
+        };
+        let changed = replicas != self.state.replicas;
+        self.apply(replicas, now, reason, state, events);
+        changed
     }
 
     fn apply(
@@ -378,112 +342,49 @@ impl Autoscaler {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kube::Select;
 
-    fn policy() -> HpaPolicy {
-        HpaPolicy {
-            target: 1.0,
-            scale_up_tolerance: 0.0,
-            scale_down_tolerance: 0.1,
+    #[test]
+    fn the_demo_plays_the_shipped_scaled_object_on_its_clock() {
+        let timing = AutoscalerTiming {
+            sync: Duration::from_secs(1),
             scale_down_window: Duration::from_secs(5),
-            min_replicas: 1,
-            max_replicas: 40,
-        }
-    }
-
-    fn secs(s: f64) -> Duration {
-        Duration::from_secs_f64(s)
-    }
-
-    #[test]
-    fn scales_up_at_once_to_the_metric_even_by_one_pod() {
-        let mut hpa = Hpa::new(policy());
-        assert_eq!(hpa.sync(secs(0.0), 1, 8.0).replicas, 8);
-        // 11 wanted at 10: a 10% gap, which the default tolerance would ignore.
-        assert_eq!(hpa.sync(secs(1.0), 10, 11.0).replicas, 11);
-        // A fraction of a pod is a pod.
-        assert_eq!(hpa.sync(secs(2.0), 11, 11.5).replicas, 12);
-    }
-
-    #[test]
-    fn scales_down_only_to_the_highest_recommendation_of_the_window() {
-        let mut hpa = Hpa::new(policy());
-        // t=0: 10 wanted.
-        assert_eq!(hpa.sync(secs(0.0), 10, 10.0).replicas, 10);
-        // t=1..3: 6, 4, 7 wanted; 10 is still in the window (0 + 5 > 3).
-        assert_eq!(hpa.sync(secs(1.0), 10, 6.0).replicas, 10);
-        assert_eq!(hpa.sync(secs(2.0), 10, 4.0).replicas, 10);
-        assert_eq!(hpa.sync(secs(3.0), 10, 7.0).replicas, 10);
-        // t=5: the t=0 sample left (0 + 5 > 5 is false); highest of 6, 4, 7 and 3 is 7.
-        let decision = hpa.sync(secs(5.0), 10, 3.0);
+            cooldown: Duration::from_secs(5),
+            max_replicas: 24,
+        };
+        let object = demo_scaled_object(&timing);
+        let shipped = ScaledObject::shipped();
+        assert_eq!(object.keda.fallback, shipped.keda.fallback);
         assert_eq!(
-            decision,
-            HpaDecision {
-                replicas: 7,
-                recommended: 3
-            }
+            (
+                object.keda.polling,
+                object.keda.cooldown,
+                object.keda.max_replicas
+            ),
+            (1_000, 5_000, 24)
         );
-        // t=8.5: t=1..3 left the window; the highest of t=5 (3) and now (2) is 3.
-        assert_eq!(hpa.sync(secs(8.5), 7, 2.0).replicas, 3);
-    }
-
-    #[test]
-    fn ignores_a_small_drop_and_never_goes_below_one() {
-        let mut hpa = Hpa::new(policy());
-        // 9.5 / 10 = 0.95, within the 10% scale-down tolerance: stays 10 (and records 10).
+        let behavior = object.behavior.clone().unwrap();
+        let shipped_behavior = shipped.behavior.unwrap();
+        assert_eq!(behavior.scale_up.tolerance, Some(0.0));
+        assert_eq!(behavior.scale_down.stabilization, 5_000);
+        assert_eq!(behavior.scale_up.select, Select::Max);
         assert_eq!(
-            hpa.sync(secs(0.0), 10, 9.5),
-            HpaDecision {
-                replicas: 10,
-                recommended: 10
-            }
+            behavior.scale_up.policies,
+            vec![RatePolicy::Pods {
+                value: 100,
+                period: 1_000
+            }]
         );
-        // 9.2 / 10 is still within; 8.9 / 10 is not, but the window holds 10.
-        assert_eq!(hpa.sync(secs(1.0), 10, 9.2).replicas, 10);
-        assert_eq!(hpa.sync(secs(2.0), 10, 8.9).replicas, 10);
-        // Much later, 0 wanted: the HPA's floor is 1.
-        assert_eq!(hpa.sync(secs(20.0), 10, 0.0).replicas, 1);
-    }
-
-    #[test]
-    fn a_larger_target_divides_the_metric() {
-        let mut hpa = Hpa::new(HpaPolicy {
-            target: 4.0,
-            ..policy()
-        });
-        assert_eq!(hpa.sync(secs(0.0), 1, 9.0).replicas, 3);
-    }
-
-    #[test]
-    fn the_ceiling_applies() {
-        let mut hpa = Hpa::new(HpaPolicy {
-            max_replicas: 5,
-            ..policy()
-        });
-        assert_eq!(hpa.sync(secs(0.0), 1, 9.0).replicas, 5);
-    }
-
-    #[test]
-    fn keda_activates_from_zero_and_scales_to_zero_after_the_cooldown() {
-        let mut keda = Keda::new(secs(0.0), secs(5.0));
-        // Inactive at 0 replicas: nothing to do.
-        assert_eq!(keda.observe(secs(1.0), false, 0), 0);
-        // Active: 0 -> 1; active with replicas: unchanged (the HPA's job).
-        assert_eq!(keda.observe(secs(2.0), true, 0), 1);
-        assert_eq!(keda.observe(secs(3.0), true, 6), 6);
-        // Inactive since 3 s: the pods stay until 3 + 5 = 8 s.
-        assert_eq!(keda.observe(secs(4.0), false, 6), 6);
-        assert_eq!(keda.observe(secs(7.9), false, 6), 6);
-        assert_eq!(keda.observe(secs(8.0), false, 6), 0);
-        // Active again restarts the clock.
-        assert_eq!(keda.observe(secs(9.0), true, 0), 1);
-        assert_eq!(keda.observe(secs(13.0), false, 1), 1);
-        assert_eq!(keda.observe(secs(14.0), false, 1), 0);
-    }
-
-    #[test]
-    fn keda_counts_its_start_as_activity() {
-        let mut keda = Keda::new(secs(10.0), secs(5.0));
-        assert_eq!(keda.observe(secs(12.0), false, 2), 2);
-        assert_eq!(keda.observe(secs(15.0), false, 2), 0);
+        assert_eq!(
+            behavior.scale_down.policies.len(),
+            shipped_behavior.scale_down.policies.len()
+        );
+        // The 11th pod is added at once: the shipped tolerance of 0 on the way up.
+        let mut hpa = Hpa::new(object.hpa_spec(ClusterTolerance::default()));
+        let eleven = MetricReading::AverageValue {
+            value: 11.0,
+            target: 1.0,
+        };
+        assert_eq!(hpa.sync(0, 10, eleven).replicas, 11);
     }
 }

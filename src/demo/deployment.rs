@@ -4,7 +4,7 @@
 //! A new pod is `starting` for the cold start, then an [`EgressPodStandIn`] joins the
 //! livekit-server stand-in (which gives it jobs) and the Prometheus stand-in (through which
 //! the real fleet observer finds it). Scaling down picks victims the way a ReplicaSet does
-//! ([`victims`]); a starting victim is deleted at once, a ready one gets SIGTERM: it takes no
+//! ([`crate::kube::deletion_order`], the rule `simulate` plays); a starting victim is deleted at once, a ready one gets SIGTERM: it takes no
 //! new job, finishes its recordings, and is deleted once it has none left (DESIGN.md 2.1).
 
 use std::io;
@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::Event;
 use super::view::short_list;
+use crate::kube::{Millis, RankedPod, Uid, deletion_order};
 use crate::model::Settings;
 use crate::standin::{EgressPodStandIn, LiveKitServerStandIn, PrometheusStandIn};
 
@@ -23,31 +24,6 @@ use crate::standin::{EgressPodStandIn, LiveKitServerStandIn, PrometheusStandIn};
 const RECONCILE_EVERY: Duration = Duration::from_millis(100);
 
 const SOURCE: &str = "egress pods stand-in";
-
-/// When a pod was created and became ready, all that the victim order looks at.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct PodAge {
-    /// Creation time.
-    pub created_at: Duration,
-    /// When it became ready; `None` while starting.
-    pub ready_at: Option<Duration>,
-}
-
-/// The `count` pods a ReplicaSet deletes first: pods not ready before ready ones, then the
-/// most recently ready, then the most recently created. Returns indexes into `pods`.
-pub fn victims(pods: &[PodAge], count: usize) -> Vec<usize> {
-    let mut order: Vec<usize> = (0..pods.len()).collect();
-    order.sort_by_key(|&index| {
-        let pod = pods[index];
-        (
-            pod.ready_at.is_some(),
-            std::cmp::Reverse(pod.ready_at),
-            std::cmp::Reverse(pod.created_at),
-        )
-    });
-    order.truncate(count);
-    order
-}
 
 #[derive(Debug)]
 enum Phase {
@@ -68,19 +44,26 @@ enum Phase {
 struct Slot {
     name: String,
     created_at: Duration,
+    uid: Uid,
     phase: Phase,
 }
 
+/// Seed of the pods' UIDs: the ReplicaSet's tie-break among pods of similar age.
+const UID_SEED: u64 = 0x5EED;
+
 impl Slot {
-    fn age(&self) -> PodAge {
-        PodAge {
-            created_at: self.created_at,
-            ready_at: match self.phase {
-                Phase::Ready { ready_at, .. } => Some(ready_at),
-                _ => None,
-            },
-        }
+    /// What the ReplicaSet's ranking reads of this pod.
+    fn ranked(&self) -> RankedPod {
+        let ready = match self.phase {
+            Phase::Ready { ready_at, .. } => Some(millis(ready_at)),
+            _ => None,
+        };
+        RankedPod::new(millis(self.created_at), ready, self.uid)
     }
+}
+
+fn millis(duration: Duration) -> Millis {
+    duration.as_millis() as Millis
 }
 
 /// Pods by phase, and the cost so far.
@@ -199,15 +182,16 @@ impl EgressDeployment {
                 self.slots.push(Slot {
                     name: format!("egress-{:02}", self.created),
                     created_at: now,
+                    uid: Uid::generate(UID_SEED, u64::from(self.created)),
                     phase: Phase::Starting,
                 });
             }
         } else if serving.len() > wanted {
-            let ages: Vec<PodAge> = serving.iter().map(|&i| self.slots[i].age()).collect();
+            let ranked: Vec<RankedPod> = serving.iter().map(|&i| self.slots[i].ranked()).collect();
             let mut deleted = Vec::new();
             let mut signalled = Vec::new();
             let mut busy = 0;
-            for victim in victims(&ages, serving.len() - wanted) {
+            for victim in deletion_order(&ranked, serving.len() - wanted, millis(now)) {
                 let index = serving[victim];
                 let slot = &mut self.slots[index];
                 let phase = std::mem::replace(&mut slot.phase, Phase::Starting);
@@ -311,52 +295,6 @@ mod tests {
 
     fn secs(s: u64) -> Duration {
         Duration::from_secs(s)
-    }
-
-    #[test]
-    fn victims_are_starting_pods_first_then_the_most_recently_ready() {
-        let pods = [
-            PodAge {
-                created_at: secs(0),
-                ready_at: Some(secs(3)),
-            },
-            PodAge {
-                created_at: secs(1),
-                ready_at: Some(secs(5)),
-            },
-            PodAge {
-                created_at: secs(6),
-                ready_at: None,
-            },
-            PodAge {
-                created_at: secs(2),
-                ready_at: Some(secs(4)),
-            },
-            PodAge {
-                created_at: secs(7),
-                ready_at: None,
-            },
-        ];
-        assert_eq!(victims(&pods, 0), Vec::<usize>::new());
-        assert_eq!(victims(&pods, 1), vec![4]);
-        assert_eq!(victims(&pods, 2), vec![4, 2]);
-        assert_eq!(victims(&pods, 4), vec![4, 2, 1, 3]);
-        assert_eq!(victims(&pods, 9), vec![4, 2, 1, 3, 0]);
-    }
-
-    #[test]
-    fn among_pods_ready_at_once_the_newest_goes_first() {
-        let pods = [
-            PodAge {
-                created_at: secs(1),
-                ready_at: Some(secs(4)),
-            },
-            PodAge {
-                created_at: secs(2),
-                ready_at: Some(secs(4)),
-            },
-        ];
-        assert_eq!(victims(&pods, 1), vec![1]);
     }
 
     #[tokio::test]

@@ -19,12 +19,12 @@ use crate::model::{
 
 use crate::standin::StartTiming;
 
-use super::kube::{
-    Behavior, Hpa, Keda, KedaAction, KedaState, MetricReading, Millis, PodAge, deletion_order,
-    recommend,
-};
 use super::trace::Trace;
 use super::{Policy, SimOptions};
+use crate::kube::{
+    Activity, Hpa, HpaSpec, Keda, KedaAction, KedaState, MetricReading, Millis, RankedPod,
+    ScaledObject, Uid, deletion_order,
+};
 
 /// What happened to one request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -243,6 +243,9 @@ struct Sim<'a> {
     scraped: Scraped,
     hpa: Hpa,
     keda: KedaState,
+    /// The last activity the scaler's `StreamIsActive` reported (it sends `true` on the
+    /// inactive -> active edge only).
+    pushed_active: bool,
     starts: Vec<StartRecord>,
     failed: Vec<usize>,
     waits: Vec<Millis>,
@@ -253,6 +256,33 @@ struct Sim<'a> {
 
 /// A request still waiting this long after the horizon counts as never started.
 const GIVE_UP_AFTER: Millis = 24 * 3_600_000;
+
+/// The ScaledObject a KEDA-driven policy runs with.
+fn scaled_object(policy: Policy, options: &SimOptions) -> Option<&ScaledObject> {
+    match policy {
+        Policy::HpaCpu | Policy::Oracle => None,
+        Policy::EgressScaler => Some(&options.egress_scaler),
+        Policy::KedaPrometheusAvailable | Policy::KedaRedisList => Some(&options.anchor),
+    }
+}
+
+/// The HPA of `policy`: the one KEDA creates from its ScaledObject, or the LiveKit Helm
+/// chart's (CPU, at least 1 pod, no `behavior`); every one capped at the ceiling.
+fn hpa_spec(policy: Policy, options: &SimOptions) -> HpaSpec {
+    let mut spec = match scaled_object(policy, options) {
+        Some(object) => object.hpa_spec(options.tolerance),
+        None => HpaSpec {
+            min_replicas: 1,
+            max_replicas: options.ceiling,
+            behavior: None,
+            tolerance: options.tolerance,
+            downscale_window: crate::kube::hpa::DEFAULT_DOWNSCALE_WINDOW,
+        },
+    };
+    spec.min_replicas = spec.min_replicas.max(options.settings.min_replicas);
+    spec.max_replicas = options.ceiling.max(spec.min_replicas);
+    spec
+}
 
 /// Runs `policy` on `trace` and returns what happened.
 pub fn run(trace: &Trace, policy: Policy, options: &SimOptions) -> Outcome {
@@ -275,8 +305,9 @@ pub fn run(trace: &Trace, policy: Policy, options: &SimOptions) -> Outcome {
         view: Vec::new(),
         fleet: FleetSnapshot::default(),
         scraped: Scraped::default(),
-        hpa: Hpa::default(),
+        hpa: Hpa::new(hpa_spec(policy, options)),
         keda: KedaState::default(),
+        pushed_active: false,
         starts: Vec::new(),
         failed: Vec::new(),
         waits: Vec::new(),
@@ -305,20 +336,18 @@ impl Sim<'_> {
     }
 
     fn keda(&self) -> Option<&Keda> {
-        match self.policy {
-            Policy::HpaCpu | Policy::Oracle => None,
-            Policy::EgressScaler => Some(&self.options.egress_scaler.keda),
-            Policy::KedaPrometheusAvailable | Policy::KedaRedisList => {
-                Some(&self.options.anchor_keda)
-            }
-        }
+        scaled_object(self.policy, self.options).map(|object| &object.keda)
     }
 
-    fn behavior(&self) -> &Behavior {
-        match self.policy {
-            Policy::EgressScaler => &self.options.egress_scaler.behavior,
-            _ => &self.options.anchor_behavior,
-        }
+    /// Whether the scaler's reads fail at `now` (an outage of Redis or the fleet), for the
+    /// policies that read through it.
+    fn scaler_down(&self, now: Millis) -> bool {
+        self.policy.queued()
+            && self
+                .options
+                .scaler_outages
+                .iter()
+                .any(|&(from, until)| from <= now && now < until)
     }
 
     fn run(&mut self) {
@@ -399,8 +428,14 @@ impl Sim<'_> {
                 self.at(now + self.options.metrics_interval, Event::MetricsScrape);
             }
             Event::KedaPoll => {
-                let active = self.is_active();
-                self.keda_check(now, active);
+                let activity = if self.scaler_down(now) {
+                    Activity::Failed
+                } else if self.is_active() {
+                    Activity::Active
+                } else {
+                    Activity::Inactive
+                };
+                self.keda_check(now, activity);
                 let polling = self.keda().map_or(horizon, |keda| keda.polling);
                 self.at(now + polling, Event::KedaPoll);
             }
@@ -666,69 +701,78 @@ impl Sim<'_> {
         }
     }
 
-    /// StreamIsActive: a queue or fleet change that makes the trigger active scales from zero
-    /// at once.
+    /// StreamIsActive: the scaler sends `true` on each inactive -> active edge of its answer,
+    /// which KEDA acts on at once: from zero it activates, at any count it starts the cooldown
+    /// again.
     fn push_activity(&mut self, now: Millis) {
-        if self.replicas == 0 && self.is_active() {
-            self.keda_check(now, true);
+        if self.scaler_down(now) {
+            return; // the scaler cannot tell; the stream stays quiet
         }
-    }
-
-    fn keda_check(&mut self, now: Millis, active: bool) {
+        let active = self.is_active();
+        let edge = active && !self.pushed_active;
+        self.pushed_active = active;
+        if !edge {
+            return;
+        }
         let Some(keda) = self.keda().cloned() else {
             return;
         };
-        match self.keda.check(&keda, now, self.replicas, active) {
-            KedaAction::Nothing => {}
-            KedaAction::Activate => {
-                self.scale_to(now, 1);
-                self.hpa_sync_marker(now);
-            }
-            KedaAction::Deactivate => self.scale_to(now, 0),
-        }
+        let action = self.keda.push(&keda, now, self.replicas, true);
+        self.keda_act(now, &keda, action);
     }
 
-    /// Scaling from zero recreates the HPA's view; its history starts again.
-    fn hpa_sync_marker(&mut self, _now: Millis) {
-        self.hpa = Hpa::default();
+    fn keda_check(&mut self, now: Millis, activity: Activity) {
+        let Some(keda) = self.keda().cloned() else {
+            return;
+        };
+        let action = self.keda.check(&keda, now, self.replicas, activity);
+        self.keda_act(now, &keda, action);
+    }
+
+    fn keda_act(&mut self, now: Millis, keda: &Keda, action: KedaAction) {
+        match action {
+            KedaAction::Nothing => {}
+            KedaAction::Activate => self.scale_to(now, keda.hpa_min_replicas()),
+            KedaAction::Deactivate => self.scale_to(now, keda.min_replicas),
+        }
     }
 
     fn hpa_sync(&mut self, now: Millis) {
-        let hpa_min = 1u32.max(self.settings.min_replicas);
         if self.replicas == 0 {
             return; // KEDA owns 0 <-> 1; the HPA does not act on a target at zero.
         }
-        let reading = match self.policy {
-            Policy::EgressScaler => MetricReading::AverageValue {
-                value: f64::from(self.egress_scaler_desired()),
-                target: 1.0,
-            },
-            Policy::KedaRedisList => MetricReading::AverageValue {
-                value: self.queue.len() as f64,
-                target: 1.0,
-            },
-            Policy::KedaPrometheusAvailable => MetricReading::AverageValue {
-                value: f64::from(self.scraped.unavailable + self.options.available_target),
-                target: 1.0,
-            },
-            Policy::HpaCpu => MetricReading::Utilization {
-                ready_total: self.scraped.utilization,
-                ready: self.scraped.ready,
-                unready: self.scraped.unready,
-                target: self.options.cpu_target,
-            },
+        let average = |value: f64| MetricReading::AverageValue { value, target: 1.0 };
+        let value = match self.policy {
+            Policy::EgressScaler => f64::from(self.egress_scaler_desired()),
+            Policy::KedaRedisList => self.queue.len() as f64,
+            Policy::KedaPrometheusAvailable => {
+                f64::from(self.scraped.unavailable + self.options.available_target)
+            }
+            Policy::HpaCpu => {
+                let reading = MetricReading::Utilization {
+                    ready_total: self.scraped.utilization,
+                    ready: self.scraped.ready,
+                    unready: self.scraped.unready,
+                    target: self.options.cpu_target,
+                };
+                let next = self.hpa.sync(now, self.replicas, reading).replicas;
+                if next != self.replicas {
+                    self.scale_to(now, next);
+                }
+                return;
+            }
             Policy::Oracle => return,
         };
-        let behavior = self.behavior().clone();
-        let recommended = recommend(self.replicas, reading, &behavior);
-        let next = self.hpa.sync(
-            now,
-            self.replicas,
-            recommended,
-            &behavior,
-            hpa_min,
-            self.settings.max_replicas.max(hpa_min),
-        );
+        // Through KEDA's metrics server: an error is the fallback's value past its threshold,
+        // or no reading at all (the HPA keeps its count).
+        let Some(keda) = self.keda().cloned() else {
+            return;
+        };
+        let answer = (!self.scaler_down(now)).then_some(value);
+        let Some(value) = self.keda.metric(&keda, self.replicas, 1.0, answer) else {
+            return;
+        };
+        let next = self.hpa.sync(now, self.replicas, average(value)).replicas;
         if next != self.replicas {
             self.scale_to(now, next);
         }
@@ -759,14 +803,19 @@ impl Sim<'_> {
                 self.at(ready_at, Event::PodReady(index));
             }
         } else if live.len() > wanted {
-            let ages: Vec<PodAge> = live
+            let ranked: Vec<RankedPod> = live
                 .iter()
-                .map(|&index| PodAge {
-                    starting: self.pods[index].life == Life::Starting,
-                    created: self.pods[index].record.created,
+                .map(|&index| {
+                    let pod = &self.pods[index];
+                    let ready = (pod.life == Life::Ready).then_some(pod.record.ready_at);
+                    RankedPod::new(
+                        pod.record.created,
+                        ready,
+                        Uid::generate(self.options.pod_uid_seed, index as u64),
+                    )
                 })
                 .collect();
-            for position in deletion_order(&ages, live.len() - wanted) {
+            for position in deletion_order(&ranked, live.len() - wanted, now) {
                 let pod = &mut self.pods[live[position]];
                 pod.record.terminated = Some(now);
                 if pod.job_count() == 0 {
@@ -1035,10 +1084,10 @@ mod tests {
         assert_eq!(outcome.pods.len(), 1);
         assert_eq!(outcome.pods[0].created, 60_000);
         // The recording ends at 692.1 s. KEDA polls every 15 s from 3 s: the last poll that saw
-        // the trigger active was at 678 s, and the first poll 120 s after that, at 798 s,
-        // scales to zero.
+        // the trigger active was at 678 s. KEDA scales to zero once `lastActiveTime +
+        // cooldownPeriod` is strictly before now: not at 798 s, at the next poll, 813 s.
         assert_eq!(options.egress_scaler.keda.cooldown, 120_000);
-        assert_eq!(outcome.pods[0].gone, Some(798_000));
+        assert_eq!(outcome.pods[0].gone, Some(813_000));
     }
 
     #[test]

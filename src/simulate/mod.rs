@@ -3,17 +3,18 @@
 //! A discrete-event simulation of egress pods (DESIGN.md 2.1 admission and packing, a cold
 //! start, a graceful drain), livekit-server's start calls (their launch and bid window, and
 //! the retry ladder without capacity, timed like the stand-in's, DESIGN.md 2.3), and KEDA with
-//! the HPA (DESIGN.md 2.4). The `egress-scaler` policy asks [`crate::model::decide`], the
+//! the HPA (DESIGN.md 2.4, 2.5) as [`crate::kube`] plays them. The `egress-scaler` policy asks [`crate::model::decide`], the
 //! same function `serve` answers KEDA with, and its dispatcher places jobs with the same
 //! [`crate::model::choose_pod`] rule.
 //!
 //! - [`trace`]: the arrivals, from a CSV file or a built-in synthetic trace.
-//! - [`kube`]: the HPA formula and behavior, KEDA activation and cooldown, ReplicaSet victims.
+//! - [`crate::kube`]: KEDA, the HPA and the ReplicaSet, the model the demo plays too.
 //! - [`engine`]: the event loop of one policy on one trace.
 //! - [`report`]: the table, CSV/JSON files and the SVG picture.
 
 pub mod engine;
-pub mod kube;
+/// The Kubernetes model, under its earlier path.
+pub use crate::kube;
 pub mod report;
 pub mod trace;
 
@@ -23,7 +24,7 @@ use std::str::FromStr;
 use crate::model::Settings;
 use crate::standin::StartTiming;
 
-use kube::{Behavior, Keda, Millis, RatePolicy, ScalingRules, Select};
+use crate::kube::{ClusterTolerance, Millis, ScaledObject};
 
 pub use engine::{Outcome, run};
 pub use trace::{BuiltIn, Trace};
@@ -91,47 +92,8 @@ impl FromStr for Policy {
     }
 }
 
-/// KEDA and HPA settings of one ScaledObject.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ScaledObjectSettings {
-    /// Polling, cooldown and push activation.
-    pub keda: Keda,
-    /// The HPA behavior passed through `advanced.horizontalPodAutoscalerConfig`.
-    pub behavior: Behavior,
-}
-
-impl ScaledObjectSettings {
-    /// `keda/scaledobject.yaml` as shipped (a test keeps the two equal).
-    pub fn shipped() -> Self {
-        ScaledObjectSettings {
-            keda: Keda {
-                polling: 15_000,
-                cooldown: 120_000,
-                push: true,
-            },
-            behavior: Behavior {
-                scale_up: ScalingRules {
-                    stabilization: 0,
-                    tolerance: 0.0,
-                    select: Select::Max,
-                    policies: vec![RatePolicy::Pods {
-                        value: 100,
-                        period: 15_000,
-                    }],
-                },
-                scale_down: ScalingRules {
-                    stabilization: 120_000,
-                    tolerance: 0.1,
-                    select: Select::Max,
-                    policies: vec![RatePolicy::Percent {
-                        value: 100,
-                        period: 15_000,
-                    }],
-                },
-            },
-        }
-    }
-}
+/// KEDA and HPA settings of one ScaledObject (the model's [`ScaledObject`]).
+pub type ScaledObjectSettings = ScaledObject;
 
 /// Everything a simulation run is set up with.
 #[derive(Debug, Clone, PartialEq)]
@@ -155,20 +117,33 @@ pub struct SimOptions {
     pub cpu_target: f64,
     /// keda-prometheus-available's target of idle pods.
     pub available_target: u32,
-    /// The ScaledObject of the egress-scaler policy.
-    pub egress_scaler: ScaledObjectSettings,
-    /// KEDA of the anchor ScaledObjects: KEDA's defaults (poll 30 s, cooldown 300 s, no push).
-    pub anchor_keda: Keda,
-    /// HPA behavior of the anchor policies: Kubernetes' defaults.
-    pub anchor_behavior: Behavior,
+    /// The ScaledObject of the egress-scaler policy: the shipped `keda/scaledobject.yaml`.
+    pub egress_scaler: ScaledObject,
+    /// The ScaledObject of the anchor KEDA policies: KEDA's defaults (poll 30 s, cooldown
+    /// 300 s, no push, no fallback) and no `behavior`, as their documented examples run.
+    pub anchor: ScaledObject,
+    /// The HPA ceiling of every policy (the oracle has none): the shipped `maxReplicaCount`.
+    pub ceiling: u32,
+    /// How the cluster treats tolerances (`--hpa-tolerance`, `--no-per-hpa-tolerance`).
+    pub tolerance: ClusterTolerance,
+    /// Spans of virtual time in which the scaler's reads fail (Redis or the fleet
+    /// unavailable): KEDA's fallback, or its keeping the count, plays out.
+    pub scaler_outages: Vec<(Millis, Millis)>,
+    /// Seed of the pods' UIDs, the ReplicaSet's tie-break.
+    pub pod_uid_seed: u64,
     /// Resolution of the timeline.
     pub sample_every: Millis,
 }
 
 impl Default for SimOptions {
     fn default() -> Self {
+        let shipped = ScaledObject::shipped();
         SimOptions {
-            settings: Settings::default(),
+            settings: Settings {
+                // serve's --max-replicas in the shipped Deployment equals maxReplicaCount.
+                max_replicas: shipped.keda.max_replicas,
+                ..Settings::default()
+            },
             cold_start: 30_000,
             hpa_sync: 15_000,
             fleet_refresh: 2_000,
@@ -177,13 +152,12 @@ impl Default for SimOptions {
             start_timing: StartTiming::real(),
             cpu_target: 0.6,
             available_target: 1,
-            egress_scaler: ScaledObjectSettings::shipped(),
-            anchor_keda: Keda {
-                polling: 30_000,
-                cooldown: 300_000,
-                push: false,
-            },
-            anchor_behavior: Behavior::default(),
+            egress_scaler: shipped.clone(),
+            anchor: ScaledObject::keda_defaults(),
+            ceiling: shipped.keda.max_replicas,
+            tolerance: ClusterTolerance::default(),
+            scaler_outages: Vec::new(),
+            pod_uid_seed: 1,
             sample_every: 10_000,
         }
     }
@@ -259,14 +233,60 @@ pub struct TraceResult {
     pub outcomes: Vec<Outcome>,
     /// The sweep's rows, when sweeping.
     pub sweep: Vec<report::Row>,
+    /// The ceiling the trace needs: egress-scaler without one, when it is among the policies.
+    pub ceiling_needed: Option<CeilingNeeded>,
 }
+
+/// What egress-scaler does on a trace without a ceiling: the answer to "what ceiling does this
+/// traffic need".
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct CeilingNeeded {
+    /// The ceiling of the run (`--max-replicas`, the ScaledObject's `maxReplicaCount`).
+    pub ceiling: u32,
+    /// Most pods egress-scaler ran at once without a ceiling: the least ceiling that holds no
+    /// request back.
+    pub pods: u32,
+    /// p99 wait without a ceiling, seconds.
+    pub wait_p99_seconds: f64,
+}
+
+impl fmt::Display for CeilingNeeded {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let verdict = if self.pods <= self.ceiling {
+            "enough"
+        } else {
+            "too low: requests wait for recordings to end"
+        };
+        write!(
+            f,
+            "ceiling: egress-scaler without one runs up to {} pods at once (p99 wait {:.1} s); the ceiling here, {}, is {verdict}",
+            self.pods, self.wait_p99_seconds, self.ceiling
+        )
+    }
+}
+
+/// Runs egress-scaler on `trace` with the ceiling lifted.
+pub fn ceiling_needed(trace: &Trace, options: &SimOptions) -> CeilingNeeded {
+    let mut uncapped = options.clone();
+    uncapped.ceiling = UNCAPPED;
+    uncapped.settings.max_replicas = UNCAPPED;
+    uncapped.egress_scaler.keda.max_replicas = UNCAPPED;
+    let outcome = run(trace, Policy::EgressScaler, &uncapped);
+    CeilingNeeded {
+        ceiling: options.ceiling,
+        pods: outcome.peak_pods(),
+        wait_p99_seconds: outcome.wait_percentile(99.0),
+    }
+}
+
+/// A ceiling no trace reaches.
+const UNCAPPED: u32 = 100_000;
 
 /// Runs every policy (and the sweep) on `trace`, policies side by side on the two cores.
 pub fn run_trace(trace: Trace, config: &SimulateConfig) -> TraceResult {
     let options = sample_resolution(&config.options, &trace);
     let cold_seconds = options.cold_start as f64 / 1000.0;
-    let scale_down_seconds =
-        options.egress_scaler.behavior.scale_down.stabilization as f64 / 1000.0;
+    let scale_down_seconds = options.egress_scaler.scale_down_window() as f64 / 1000.0;
     let outcomes: Vec<Outcome> = std::thread::scope(|scope| {
         let handles: Vec<_> = config
             .policies
@@ -293,7 +313,8 @@ pub fn run_trace(trace: Trace, config: &SimulateConfig) -> TraceResult {
             let mut row = report::Row::of(&trace.name, requests, warm, cold_seconds, outcome);
             row.scale_down_seconds = match outcome.policy {
                 Policy::EgressScaler => scale_down_seconds,
-                _ => options.anchor_behavior.scale_down.stabilization as f64 / 1000.0,
+                Policy::HpaCpu => crate::kube::hpa::DEFAULT_DOWNSCALE_WINDOW as f64 / 1000.0,
+                _ => options.anchor.scale_down_window() as f64 / 1000.0,
             };
             row
         })
@@ -304,6 +325,10 @@ pub fn run_trace(trace: Trace, config: &SimulateConfig) -> TraceResult {
         .map(Outcome::pod_hours)
         .unwrap_or_else(|| run(&trace, Policy::Oracle, &options).pod_hours());
     report::compare_to_oracle(&mut rows, oracle_hours);
+    let ceiling_needed = config
+        .policies
+        .contains(&Policy::EgressScaler)
+        .then(|| ceiling_needed(&trace, &options));
 
     let mut sweep_rows = Vec::new();
     if let Some(sweep) = &config.sweep {
@@ -318,7 +343,7 @@ pub fn run_trace(trace: Trace, config: &SimulateConfig) -> TraceResult {
             sweep.cold_starts.clone()
         };
         let scale_downs = if sweep.scale_downs.is_empty() {
-            vec![options.egress_scaler.behavior.scale_down.stabilization]
+            vec![options.egress_scaler.scale_down_window()]
         } else {
             sweep.scale_downs.clone()
         };
@@ -337,7 +362,9 @@ pub fn run_trace(trace: Trace, config: &SimulateConfig) -> TraceResult {
                     let mut options = options.clone();
                     options.settings.warm_pool = warm;
                     options.cold_start = cold;
-                    options.egress_scaler.behavior.scale_down.stabilization = scale_down;
+                    if let Some(behavior) = options.egress_scaler.behavior.as_mut() {
+                        behavior.scale_down.stabilization = scale_down;
+                    }
                     options.egress_scaler.keda.cooldown = scale_down;
                     let trace = &trace;
                     scope.spawn(move || {
@@ -366,6 +393,16 @@ pub fn run_trace(trace: Trace, config: &SimulateConfig) -> TraceResult {
         rows,
         outcomes,
         sweep: sweep_rows,
+        ceiling_needed,
+    }
+}
+
+/// How the table's cluster treats a ScaledObject's `tolerance`.
+fn tolerance_note(tolerance: ClusterTolerance) -> String {
+    if tolerance.per_hpa {
+        format!("{} unless the ScaledObject sets one", tolerance.default)
+    } else {
+        format!("{} (the ScaledObject's ignored)", tolerance.default)
     }
 }
 
@@ -393,15 +430,20 @@ pub fn simulate(config: &SimulateConfig, out: &mut dyn std::io::Write) -> anyhow
         let trace = &result.trace;
         writeln!(
             out,
-            "trace {}: {} requests, cost counted over {:.1} h; cold start {} s, warm pool {}, HPA sync {} s",
+            "trace {}: {} requests, cost counted over {:.1} h; cold start {} s, warm pool {}, HPA sync {} s, ceiling {}, tolerance {}",
             trace.name,
             trace.arrivals.len(),
             trace.horizon as f64 / 3_600_000.0,
             config.options.cold_start as f64 / 1000.0,
             config.options.settings.warm_pool,
             config.options.hpa_sync as f64 / 1000.0,
+            config.options.ceiling,
+            tolerance_note(config.options.tolerance),
         )?;
         writeln!(out, "{}", report::table(&result.rows))?;
+        if let Some(needed) = &result.ceiling_needed {
+            writeln!(out, "{needed}\n")?;
+        }
         if config.sweep.is_some() {
             writeln!(out, "sweep of egress-scaler on {}:", trace.name)?;
             writeln!(
