@@ -228,7 +228,8 @@ pub struct SimulateArgs {
     /// `arrival_seconds,kind,duration_seconds,room` (repeatable) [default: every built-in].
     #[arg(long, value_name = "NAME|FILE")]
     pub trace: Vec<String>,
-    /// Policies to compare (repeatable): egress-scaler, hpa-cpu, keda-prometheus-available,
+    /// Policies to compare (repeatable): egress-scaler, egress-scaler+prewarm,
+    /// egress-scaler+assist, egress-scaler+prewarm+assist, hpa-cpu, keda-prometheus-available,
     /// keda-redis-list, oracle [default: all].
     #[arg(long, value_name = "POLICY", value_delimiter = ',')]
     pub policy: Vec<String>,

@@ -204,3 +204,67 @@ async fn serve_raises_the_deployment_to_the_get_metrics_answer() {
     assert!(api.writes().iter().all(|write| write.replicas == Some(5)));
     server.stop().await;
 }
+
+/// The HPA KEDA makes from the shipped ScaledObject, and one without `behavior` on a cluster
+/// whose tolerance (10 %) applies: each syncs after the assist wrote the count the same
+/// GetMetrics answer asks for, and leaves it.
+#[tokio::test]
+async fn the_hpa_leaves_the_count_the_assist_wrote() {
+    use egress_scaler::kube::hpa::{DEFAULT_DOWNSCALE_WINDOW, DEFAULT_TOLERANCE};
+    use egress_scaler::kube::{ClusterTolerance, Hpa, HpaSpec, MetricReading, ScaledObject};
+
+    support::init();
+    let shipped = ScaledObject::shipped().hpa_spec(ClusterTolerance::default());
+    let bare = HpaSpec {
+        min_replicas: 1,
+        max_replicas: 40,
+        behavior: None,
+        tolerance: ClusterTolerance {
+            default: DEFAULT_TOLERANCE,
+            per_hpa: false,
+        },
+        downscale_window: DEFAULT_DOWNSCALE_WINDOW,
+    };
+    for spec in [shipped, bare] {
+        // (replicas before, the GetMetrics answer): a 1 -> 10 step the HPA would take in
+        // steps, and 10 -> 11, which a 10 % tolerance never takes.
+        for (before, answer) in [(1u32, 10u32), (10, 11)] {
+            let api = KubeApiStandIn::start().await.unwrap();
+            api.set_replicas(EGRESS, before);
+            let scale = DeploymentScale::connect(&assist_config(&api))
+                .await
+                .unwrap();
+            assert_eq!(
+                scale.raise_to(answer).await.unwrap(),
+                Raise::Raised(before, answer)
+            );
+            let mut hpa = Hpa::new(spec.clone());
+            // The next syncs read spec.replicas as written and the same answer.
+            for sync in 1..=20u64 {
+                let current = api.replicas(EGRESS).unwrap();
+                let reading = MetricReading::AverageValue {
+                    value: f64::from(answer),
+                    target: 1.0,
+                };
+                let decided = hpa.sync(sync * 15_000, current, reading);
+                assert_eq!(
+                    decided.replicas, answer,
+                    "sync {sync} of {spec:?} moved {answer}"
+                );
+            }
+        }
+    }
+    // Without the assist, the bare HPA leaves 10 at 10 when 11 are asked for.
+    let mut hpa = Hpa::new(HpaSpec {
+        behavior: None,
+        ..ScaledObject::shipped().hpa_spec(ClusterTolerance {
+            default: DEFAULT_TOLERANCE,
+            per_hpa: false,
+        })
+    });
+    let reading = MetricReading::AverageValue {
+        value: 11.0,
+        target: 1.0,
+    };
+    assert_eq!(hpa.sync(15_000, 10, reading).replicas, 10);
+}

@@ -47,6 +47,9 @@ fn every_policy_gets_a_row_and_the_files_are_written() {
     assert!(output.status.success(), "{text}{}", stderr(&output));
     for policy in [
         "egress-scaler",
+        "egress-scaler+prewarm",
+        "egress-scaler+assist",
+        "egress-scaler+prewarm+assist",
         "hpa-cpu",
         "keda-prometheus-available",
         "keda-redis-list",
@@ -70,7 +73,7 @@ fn every_policy_gets_a_row_and_the_files_are_written() {
     let json: Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("burst.json")).unwrap()).unwrap();
     let policies = json["policies"].as_array().unwrap();
-    assert_eq!(policies.len(), 5);
+    assert_eq!(policies.len(), 8);
     assert_eq!(json["sweep"].as_array().unwrap().len(), 2);
     assert_eq!(json["requests"], 100);
     let ours = &policies[0];
