@@ -14,8 +14,9 @@
 //! - **weekly**, when the daily rule does not hold: the same minute of the week in each of the
 //!   last two weeks, within the same window (a meeting held on Mondays only).
 //!
-//! When it holds, the minute is expected to bring, per kind, as many arrivals as it brought on
-//! the busiest of those days. Decay: a day older than those compared is not looked at, and a
+//! When it holds, the minute and the [`AHEAD_MINUTES`] - 1 after it are expected to bring, per
+//! kind, as many arrivals as they brought on the busiest of those days, so that the pods of a
+//! cluster of starts are ready by its first arrival. Decay: a day older than those compared is not looked at, and a
 //! week's counters are forgotten (their Redis key expires) once no lookback can reach it, two
 //! weeks after it ended. A quiet day costs one lead time of the pods of each minute it was
 //! wrong about: a minute counts only while its start is ahead (`now < start <= now + lead`);
@@ -46,9 +47,12 @@ pub const BYTES_PER_KIND_WEEK: u64 = BUCKETS_PER_WEEK * 2;
 pub const LOOKBACK_DAYS: usize = 5;
 /// Of those, on how many arrivals must have come for the daily rule to act.
 pub const MIN_DAYS_SEEN: usize = 3;
-/// Arrivals within this many minutes either side of the minute count as the pattern seen
-/// that day: a five-minute window.
+/// Arrivals within this many minutes either side of the minutes ahead count as the pattern
+/// seen that day: a five-minute window.
 pub const PATTERN_WINDOW_MINUTES: u64 = 2;
+/// The arrivals expected are those of the minute ahead and the next ones, this many minutes
+/// in all: the pods of a cluster of starts are ready before its first arrival.
+pub const AHEAD_MINUTES: u64 = 3;
 /// How far back the daily rule looks for days of the same type.
 pub const LOOKBACK_SPAN_DAYS: u64 = 14;
 /// Longest lead time accepted: longer would pre-warm for patterns an hour away.
@@ -134,24 +138,29 @@ fn weekly_days(start: u64) -> Vec<u64> {
         .collect()
 }
 
-/// The starts of the minutes within [`PATTERN_WINDOW_MINUTES`] of `at`.
-fn window(at: u64) -> impl Iterator<Item = u64> {
-    let span = PATTERN_WINDOW_MINUTES * BUCKET_MS;
-    (at.saturating_sub(span)..=at + span).step_by(BUCKET_MS as usize)
-}
-
 /// The buckets whose counts [`expect`] needs at `now_ms`, in a fixed order (the order of
 /// the counts a store returns). Empty when no bucket starts within the lead time.
 pub fn cells_to_read(now_ms: u64, lead_ms: u64) -> Vec<Cell> {
-    let mut cells: Vec<Cell> = targets(now_ms, lead_ms)
+    let Some((first, last)) = span(now_ms, lead_ms) else {
+        return Vec::new();
+    };
+    let before = PATTERN_WINDOW_MINUTES * BUCKET_MS;
+    let after = (last - first) + PATTERN_WINDOW_MINUTES.max(AHEAD_MINUTES - 1) * BUCKET_MS;
+    let mut cells: Vec<Cell> = daily_days(first)
         .into_iter()
-        .flat_map(|start| daily_days(start).into_iter().chain(weekly_days(start)))
-        .flat_map(window)
+        .chain(weekly_days(first))
+        .flat_map(|day| (day.saturating_sub(before)..=day + after).step_by(BUCKET_MS as usize))
         .map(Cell::at)
         .collect();
     cells.sort();
     cells.dedup();
     cells
+}
+
+/// The first and last minute starting within the lead time.
+fn span(now_ms: u64, lead_ms: u64) -> Option<(u64, u64)> {
+    let targets = targets(now_ms, lead_ms);
+    Some((*targets.first()?, *targets.last()?))
 }
 
 /// Arrivals counted per kind and bucket, as read from a store (missing means zero).
@@ -191,8 +200,10 @@ pub enum Rule {
 /// One pattern acted on: arrivals of one kind expected at one bucket's start.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Pattern {
-    /// When the bucket starts (ms since the epoch).
+    /// The first minute it counts (ms since the epoch).
     pub at_ms: u64,
+    /// The start of the last minute it counts.
+    pub until_ms: u64,
     /// The kind expected.
     pub kind: EgressKind,
     /// Arrivals expected: the most seen on any day compared.
@@ -216,10 +227,17 @@ impl Pattern {
         format!("seen on {} of the last {} {days}", self.seen, self.compared)
     }
 
-    /// "10:00 UTC".
+    /// "between 10:00 and 10:02 UTC": the minutes it counts.
     pub fn time_text(&self) -> String {
-        let minutes = (self.at_ms % DAY_MS) / 60_000;
-        format!("{:02}:{:02} UTC", minutes / 60, minutes % 60)
+        let clock = |at: u64| {
+            let minutes = (at % DAY_MS) / 60_000;
+            format!("{:02}:{:02}", minutes / 60, minutes % 60)
+        };
+        format!(
+            "between {} and {} UTC",
+            clock(self.at_ms),
+            clock(self.until_ms)
+        )
     }
 }
 
@@ -235,40 +253,54 @@ pub struct Expectation {
 /// The arrivals expected within `lead_ms` of `now_ms` (see the module docs for the rule).
 pub fn expect(now_ms: u64, lead_ms: u64, counts: &ArrivalCounts) -> Expectation {
     let mut expectation = Expectation::default();
-    for start in targets(now_ms, lead_ms) {
-        for kind in counts.kinds() {
-            let found = judge(start, kind, Rule::Daily, &daily_days(start), counts)
-                .or_else(|| judge(start, kind, Rule::Weekly, &weekly_days(start), counts));
-            if let Some(pattern) = found {
-                expectation.arrivals.add(kind, pattern.arrivals);
-                expectation.patterns.push(pattern);
-            }
+    let Some((first, last)) = span(now_ms, lead_ms) else {
+        return expectation;
+    };
+    for kind in counts.kinds() {
+        let found = judge(first, last, kind, Rule::Daily, &daily_days(first), counts)
+            .or_else(|| judge(first, last, kind, Rule::Weekly, &weekly_days(first), counts));
+        if let Some(pattern) = found {
+            expectation.arrivals.add(kind, pattern.arrivals);
+            expectation.patterns.push(pattern);
         }
     }
     expectation
 }
 
+/// Arrivals of `kind` counted in the minutes `from..=until` (ms), day-shifted.
+fn sum(counts: &ArrivalCounts, kind: EgressKind, from: u64, until: u64) -> u32 {
+    (from..=until)
+        .step_by(BUCKET_MS as usize)
+        .map(|minute| counts.get(kind, Cell::at(minute)))
+        .sum()
+}
+
 fn judge(
-    start: u64,
+    first: u64,
+    last: u64,
     kind: EgressKind,
     rule: Rule,
     days: &[u64],
     counts: &ArrivalCounts,
 ) -> Option<Pattern> {
+    let window = PATTERN_WINDOW_MINUTES * BUCKET_MS;
+    let ahead = (AHEAD_MINUTES - 1) * BUCKET_MS;
     let mut seen = 0;
     let mut busiest = 0;
-    for day in days {
-        if window(*day).any(|minute| counts.get(kind, Cell::at(minute)) > 0) {
+    for &day in days {
+        let day_last = day + (last - first);
+        if sum(counts, kind, day.saturating_sub(window), day_last + window) > 0 {
             seen += 1;
         }
-        busiest = busiest.max(counts.get(kind, Cell::at(*day)));
+        busiest = busiest.max(sum(counts, kind, day, day_last + ahead));
     }
     let needed = match rule {
         Rule::Daily => MIN_DAYS_SEEN,
         Rule::Weekly => days.len().max(2),
     };
     (seen >= needed && busiest > 0).then(|| Pattern {
-        at_ms: start,
+        at_ms: first,
+        until_ms: last + ahead,
         kind,
         arrivals: u64::from(busiest),
         seen,
@@ -310,7 +342,7 @@ pub fn decide_ahead(
         .iter()
         .map(|pattern| {
             format!(
-                "{} {} arrival(s) expected at {}, {}",
+                "{} {} arrival(s) expected {}, {}",
                 pattern.arrivals,
                 pattern.kind,
                 pattern.time_text(),
@@ -441,14 +473,14 @@ mod tests {
         assert_eq!(expectation.arrivals.count(RoomComposite), 5);
         let pattern = &expectation.patterns[0];
         assert_eq!(pattern.seen_text(), "seen on 4 of the last 5 weekdays");
-        assert_eq!(pattern.time_text(), "10:00 UTC");
+        assert_eq!(pattern.time_text(), "between 10:00 and 10:02 UTC");
         assert_eq!(pattern.rule, Rule::Daily);
     }
 
     #[test]
     fn arrivals_a_few_minutes_off_still_show_the_pattern() {
         // 10:00 on Monday and Wednesday; 09:58 on Thursday, 10:02 on Friday: seen on 4 days
-        // within two minutes, and the busiest day at 10:00 itself brought 5.
+        // within two minutes, and the busiest day from 10:00 to 10:02 brought 5.
         let mut history = history(&[(0, 3), (2, 5)], 10 * HOUR);
         for _ in 0..2 {
             history.record(RoomComposite, MONDAY + 3 * DAY_MS + 9 * HOUR + 58 * MINUTE);
@@ -461,7 +493,7 @@ mod tests {
             expectation.patterns[0].seen_text(),
             "seen on 4 of the last 5 weekdays"
         );
-        // At 10:03 the minute ahead brought nothing on any day: nothing expected, though the
+        // At 10:03 the minutes ahead brought nothing on any day: nothing expected, though the
         // pattern is near.
         let now = MONDAY + 7 * DAY_MS + 10 * HOUR + 2 * MINUTE + 30_000;
         let expectation = expect(now, 60_000, &history.read(now, &cells_to_read(now, 60_000)));
@@ -540,6 +572,7 @@ mod tests {
             arrivals: Demand::from_counts([(kind, arrivals)]),
             patterns: vec![Pattern {
                 at_ms: MONDAY + 7 * DAY_MS + 10 * HOUR,
+                until_ms: MONDAY + 7 * DAY_MS + 10 * HOUR + 2 * MINUTE,
                 kind,
                 arrivals,
                 seen: 4,
@@ -568,7 +601,7 @@ mod tests {
         );
         assert_eq!((decision.desired, decision.prewarm_pods), (5, 5));
         assert!(decision.reasons(&settings).contains(
-            &"pre-warm: 5 pod(s) for 5 room_composite arrival(s) expected at 10:00 UTC, seen on 4 of the last 5 weekdays"
+            &"pre-warm: 5 pod(s) for 5 room_composite arrival(s) expected between 10:00 and 10:02 UTC, seen on 4 of the last 5 weekdays"
                 .to_owned()
         ));
         // Off: nothing added.
