@@ -82,7 +82,7 @@ fn every_policy_gets_a_row_and_the_files_are_written() {
     assert_eq!(ours["failed"], 0);
 
     let csv = std::fs::read_to_string(dir.join("burst.csv")).unwrap();
-    assert_eq!(csv.lines().count(), 1 + 5 + 2);
+    assert_eq!(csv.lines().count(), 1 + 8 + 2);
     assert!(csv.starts_with("trace,policy,warm_pool,"));
     let timeline = std::fs::read_to_string(dir.join("burst-timeline.csv")).unwrap();
     assert!(timeline.starts_with("policy,seconds,demand,pods,replicas,waiting\n"));
