@@ -86,11 +86,11 @@ fn every_policy_gets_a_row_and_the_files_are_written() {
     assert!(csv.starts_with("trace,policy,warm_pool,"));
     let timeline = std::fs::read_to_string(dir.join("burst-timeline.csv")).unwrap();
     assert!(timeline.starts_with("policy,seconds,demand,pods,replicas,waiting\n"));
-    assert!(timeline.lines().count() > 5 * 100);
+    assert!(timeline.lines().count() > 8 * 100);
     let svg = std::fs::read_to_string(dir.join("burst.svg")).unwrap();
     assert!(svg.starts_with("<svg "), "{}", &svg[..80]);
     assert!(svg.trim_end().ends_with("</svg>"));
-    assert_eq!(svg.matches("<polyline").count(), 5 * 3);
+    assert_eq!(svg.matches("<polyline").count(), 8 * 3);
     assert!(dir.join("summary.csv").is_file());
     assert!(dir.join("burst-trace.csv").is_file());
     std::fs::remove_dir_all(&dir).unwrap();
