@@ -28,7 +28,7 @@ from referencing import Registry, Resource
 
 ROOT = Path(__file__).resolve().parent.parent
 SCHEMAS = ROOT / "scripts" / "schemas"
-MANIFEST_DIRS = ["deploy", "keda"]
+MANIFEST_DIRS = ["deploy", "deploy/kube-scale", "keda"]
 # 1.33 is the first release whose HPA takes behavior.scaleUp.tolerance (keda/scaledobject.yaml).
 KUBERNETES_VERSIONS = ["1.33.0", "1.37.0"]
 OWN_SCHEMAS = {
@@ -97,6 +97,9 @@ def check_kustomization(path, document, errors):
     for resource in document.get("resources", []):
         target = directory / resource
         listed.add(target.resolve())
+        # A directory is another kustomization (an overlay's base).
+        if target.is_dir() and (target / "kustomization.yaml").is_file():
+            continue
         if not target.is_file():
             errors.append(f"{path.relative_to(ROOT)}: resource {resource} does not exist")
     for manifest in sorted(directory.glob("*.yaml")):

@@ -15,7 +15,8 @@ use crate::dispatch::livekit::DEFAULT_REQUEST_TIMEOUT;
 use crate::dispatch::{DispatchOptions, Order};
 use crate::egress_request::StartRequest;
 use crate::fleet::{FleetConfigError, FleetOptions, FleetSource};
-use crate::model::{EgressKind, Settings, cores_to_millicores};
+use crate::kube_scale::{DeploymentRef, KubeApi, KubeScaleConfig};
+use crate::model::{EgressKind, Prewarm, Settings, cores_to_millicores};
 use crate::queue::{QueueName, ServedQueues};
 use crate::tls::TlsSettings;
 use crate::webhook::AutoRecord;
@@ -156,6 +157,21 @@ pub struct ServeArgs {
     /// (the LiveKit SDKs give up after 10 s by default), seconds [default: 8].
     #[arg(long, env = "EGRESS_SCALER_HOLD_SECONDS")]
     pub hold_seconds: Option<f64>,
+    /// Scale ahead of the arrival pattern learnt per time-of-week bucket: auto or off
+    /// [default: auto].
+    #[arg(long, value_name = "auto|off", env = "EGRESS_SCALER_PREWARM")]
+    pub prewarm: Option<Prewarm>,
+    /// How far ahead pre-warm looks: cold start + HPA sync + margin, seconds [default: 60].
+    #[arg(long, env = "EGRESS_SCALER_PREWARM_LEAD_SECONDS")]
+    pub prewarm_lead_seconds: Option<f64>,
+    /// Scale-up assist: raise this Deployment's replicas through the scale subresource as
+    /// soon as the default queue's desired count exceeds them (never lowers them).
+    #[arg(
+        long,
+        value_name = "NAMESPACE/DEPLOYMENT",
+        env = "EGRESS_SCALER_KUBE_SCALE"
+    )]
+    pub kube_scale: Option<String>,
     /// Queue an egress of this kind for every room_started webhook.
     #[arg(long, value_name = "KIND", env = "EGRESS_SCALER_AUTO_RECORD")]
     pub auto_record: Option<EgressKind>,
@@ -213,11 +229,12 @@ pub struct StatusArgs {
 /// Flags of `simulate`.
 #[derive(Debug, Default, Args)]
 pub struct SimulateArgs {
-    /// A built-in trace (business-day, burst, night, mixed) or a CSV file
+    /// A built-in trace (business-day, burst, night, mixed, work-week, random) or a CSV file
     /// `arrival_seconds,kind,duration_seconds,room` (repeatable) [default: every built-in].
     #[arg(long, value_name = "NAME|FILE")]
     pub trace: Vec<String>,
-    /// Policies to compare (repeatable): egress-scaler, hpa-cpu, keda-prometheus-available,
+    /// Policies to compare (repeatable): egress-scaler, egress-scaler+prewarm,
+    /// egress-scaler+assist, egress-scaler+prewarm+assist, hpa-cpu, keda-prometheus-available,
     /// keda-redis-list, oracle [default: all].
     #[arg(long, value_name = "POLICY", value_delimiter = ',')]
     pub policy: Vec<String>,
@@ -297,7 +314,7 @@ impl SimulateArgs {
                     Err(_) => Err(invalid(
                         "--trace",
                         format!(
-                            "{name:?} is neither a built-in trace (business-day, burst, night, mixed) nor a file"
+                            "{name:?} is neither a built-in trace (business-day, burst, night, mixed, work-week, random) nor a file"
                         ),
                     )),
                 })
@@ -595,6 +612,9 @@ struct FileConfig {
     auto_record: Option<String>,
     auto_record_rooms: Option<String>,
     auto_record_template: Option<PathBuf>,
+    prewarm: Option<String>,
+    prewarm_lead_seconds: Option<f64>,
+    kube_scale: Option<String>,
 }
 
 /// `queue` in the `--config` file: one name, or a list of them.
@@ -666,6 +686,8 @@ pub struct ServeConfig {
     /// How far a Prometheus fleet source lags behind the pods (a scrape interval): the
     /// dispatcher counts its own starts that long.
     pub prometheus_lag: Duration,
+    /// The scale-up assist's Deployment, when on.
+    pub kube_scale: Option<KubeScaleConfig>,
 }
 
 /// The most start calls in flight per queue that `--max-in-flight` accepts.
@@ -791,6 +813,34 @@ impl ServeArgs {
         settings.warm_pool = self.warm_pool.or(file.warm_pool).unwrap_or(0);
         settings.min_replicas = self.min_replicas.or(file.min_replicas).unwrap_or(0);
         settings.max_replicas = self.max_replicas.or(file.max_replicas).unwrap_or(100);
+        settings.prewarm = match (self.prewarm, file.prewarm) {
+            (Some(prewarm), _) => prewarm,
+            (None, Some(text)) => text
+                .trim()
+                .parse()
+                .map_err(|reason| invalid("--prewarm", reason))?,
+            (None, None) => Prewarm::Auto,
+        };
+        if let Some(seconds) = self.prewarm_lead_seconds.or(file.prewarm_lead_seconds) {
+            let lead = positive_seconds("--prewarm-lead-seconds", seconds)?;
+            if lead.as_millis() > u128::from(crate::prewarm::MAX_LEAD_MS) {
+                return Err(invalid("--prewarm-lead-seconds", "must be at most 3600"));
+            }
+            settings.prewarm_lead_ms = lead.as_millis() as u64;
+        }
+        let kube_scale = self
+            .kube_scale
+            .or(file.kube_scale)
+            .map(|text| {
+                text.trim()
+                    .parse::<DeploymentRef>()
+                    .map(|deployment| KubeScaleConfig {
+                        deployment,
+                        api: KubeApi::InCluster,
+                    })
+                    .map_err(|error| invalid("--kube-scale", error.to_string()))
+            })
+            .transpose()?;
         if settings.min_replicas > settings.max_replicas {
             return Err(invalid(
                 "--max-replicas",
@@ -934,6 +984,7 @@ impl ServeArgs {
             auto_record,
             holder_name,
             prometheus_lag: DEFAULT_PROMETHEUS_LAG,
+            kube_scale,
         })
     }
 }
@@ -1183,7 +1234,14 @@ mod tests {
         assert_eq!(config.redis_url, "redis://127.0.0.1:6379");
         assert_eq!(config.grpc_listen.to_string(), "0.0.0.0:9090");
         assert_eq!(config.http_listen.to_string(), "0.0.0.0:8080");
-        assert_eq!(config.settings, Settings::default());
+        assert_eq!(
+            config.settings,
+            Settings {
+                prewarm: Prewarm::Auto,
+                ..Settings::default()
+            }
+        );
+        assert!(config.kube_scale.is_none());
         assert_eq!(config.queues.to_string(), "default");
         assert!(matches!(config.fleet_source, FleetSource::None));
         assert!(config.credentials.is_none());
@@ -1472,6 +1530,56 @@ mod tests {
         ] {
             assert_eq!(demo(&args).unwrap_err().setting, setting, "{args:?}");
         }
+    }
+
+    #[test]
+    fn prewarm_and_kube_scale_flags_and_file_keys() {
+        let config = resolve(
+            &[
+                "--prewarm",
+                "off",
+                "--prewarm-lead-seconds",
+                "90",
+                "--kube-scale",
+                "livekit/egress",
+            ],
+            &[],
+        )
+        .unwrap();
+        assert_eq!(config.settings.prewarm, Prewarm::Off);
+        assert_eq!(config.settings.prewarm_lead_ms, 90_000);
+        let kube_scale = config.kube_scale.unwrap();
+        assert_eq!(kube_scale.deployment.to_string(), "livekit/egress");
+        assert_eq!(kube_scale.api, KubeApi::InCluster);
+        for (args, setting) in [
+            (
+                &["--prewarm-lead-seconds", "3601"][..],
+                "--prewarm-lead-seconds",
+            ),
+            (
+                &["--prewarm-lead-seconds", "0"][..],
+                "--prewarm-lead-seconds",
+            ),
+            (&["--kube-scale", "egress"][..], "--kube-scale"),
+        ] {
+            assert_eq!(resolve(args, &[]).unwrap_err().setting, setting, "{args:?}");
+        }
+        let dir =
+            std::env::temp_dir().join(format!("egress-scaler-prewarm-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("config.toml");
+        std::fs::write(&path, "prewarm = \"off\"\nkube_scale = \"ns/egress\"\n").unwrap();
+        let path_str = path.to_str().unwrap();
+        let config = resolve(&["--config", path_str], &[]).unwrap();
+        assert_eq!(config.settings.prewarm, Prewarm::Off);
+        assert_eq!(config.kube_scale.unwrap().deployment.namespace, "ns");
+        // The flag wins over the file.
+        let config = resolve(&["--config", path_str, "--prewarm", "auto"], &[]).unwrap();
+        assert_eq!(config.settings.prewarm, Prewarm::Auto);
+        std::fs::write(&path, "prewarm = \"sometimes\"\n").unwrap();
+        let error = resolve(&["--config", path_str], &[]).unwrap_err();
+        assert_eq!(error.setting, "--prewarm");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

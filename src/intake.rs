@@ -25,7 +25,8 @@ use crate::dispatch::lease::{LeaderInfo, read_leader};
 use crate::egress_request::{StartRequest, is_line_breaking};
 use crate::fleet::{Fleet, FleetView};
 use crate::front_door::{self, FrontDoor};
-use crate::model::{Decision, EgressKind, PodState, Settings, decide};
+use crate::model::{Decision, EgressKind, PodState, Prewarm, Settings};
+use crate::prewarm::{cells_to_read, decide_ahead, expect};
 use crate::queue::{
     CancelOutcome, NewRequest, QueueError, QueueName, QueueStore, ServedQueues, Ticket, TicketId,
     TicketState,
@@ -646,9 +647,31 @@ pub async fn build_status(state: &AppState) -> Result<StatusAnswer, QueueError> 
         let leader = read_leader(&state.store, queue)
             .await?
             .map(|info| LeaderStatus::new(info, now));
-        let decision: Option<Decision> = view
-            .as_ref()
-            .map(|view| decide(&state.settings, &stats.demand, &view.snapshot()));
+        // Pre-warm's part, as GetMetrics reads it (nothing is read outside its lead time).
+        let lead = state.settings.prewarm_lead_ms;
+        let cells = match state.settings.prewarm {
+            Prewarm::Auto => cells_to_read(now, lead),
+            Prewarm::Off => Vec::new(),
+        };
+        let arrivals = if cells.is_empty() {
+            Default::default()
+        } else {
+            state
+                .store
+                .scaling_input_ahead(queue, None, &cells)
+                .await?
+                .arrivals
+        };
+        let expected = expect(now, lead, &arrivals);
+        let decision: Option<Decision> = view.as_ref().map(|view| {
+            decide_ahead(
+                &state.settings,
+                &stats.demand,
+                &view.snapshot(),
+                &[],
+                &expected,
+            )
+        });
         let reasons = match &decision {
             Some(decision) => decision.reasons(&state.settings),
             None => vec![format!(

@@ -10,8 +10,10 @@
 //! - [`queue`]: the Redis FIFO of egress requests with de-duplication and demand counters.
 //! - [`fleet`]: background observer of the egress pods' metrics: the snapshot the model reads.
 //! - [`model`]: the replica model, pure: demand + fleet snapshot + settings -> decision.
+//! - [`prewarm`]: the arrival pattern per minute of the week, pure: pods ahead of it.
 //! - [`dispatch`]: one leader per queue starts the head through livekit-server, exactly once.
 //! - [`scaler`]: the KEDA external scaler gRPC service over the model.
+//! - [`kube_scale`]: the scale-up assist, raising the egress Deployment's replicas at once.
 //! - [`tls`]: TLS and mutual TLS of the gRPC listener, certificates reloaded on change.
 //! - [`telemetry`]: the metrics registry and logging.
 //! - [`server`]: `serve`, wiring the above with one shutdown token.
@@ -34,7 +36,9 @@ pub mod fleet;
 pub mod front_door;
 pub mod intake;
 pub mod kube;
+pub mod kube_scale;
 pub mod model;
+pub mod prewarm;
 pub mod queue;
 pub mod redis_server;
 pub mod scaler;

@@ -146,6 +146,49 @@ pub struct Settings {
     pub min_replicas: u32,
     /// Upper clamp of the answer.
     pub max_replicas: u32,
+    /// Whether to scale ahead of the arrival pattern ([`crate::prewarm`]).
+    pub prewarm: Prewarm,
+    /// How far ahead pre-warm looks: cold start + HPA sync + margin, ms.
+    pub prewarm_lead_ms: u64,
+}
+
+/// Whether the model scales ahead of the arrival pattern ([`crate::prewarm`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Prewarm {
+    /// Learn the pattern and scale ahead of it.
+    Auto,
+    /// Scale on queued work and the fleet only.
+    #[default]
+    Off,
+}
+
+impl Prewarm {
+    /// The name in flags, metadata and config files.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Prewarm::Auto => "auto",
+            Prewarm::Off => "off",
+        }
+    }
+}
+
+impl fmt::Display for Prewarm {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Prewarm {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "auto" => Ok(Prewarm::Auto),
+            "off" => Ok(Prewarm::Off),
+            other => Err(format!("{other:?} is neither auto nor off")),
+        }
+    }
 }
 
 impl Default for Settings {
@@ -157,6 +200,8 @@ impl Default for Settings {
             warm_pool: 0,
             min_replicas: 0,
             max_replicas: 100,
+            prewarm: Prewarm::Off,
+            prewarm_lead_ms: 60_000,
         }
     }
 }
@@ -369,6 +414,10 @@ pub struct Decision {
     /// Of those, starts no pod of the snapshot admits: the snapshot already shows them (or
     /// a job that has ended since), so they are not counted twice.
     pub unseen_starts_unplaced: u64,
+    /// Pods added ahead of the arrivals the pattern expects ([`crate::prewarm`]).
+    pub prewarm_pods: u64,
+    /// The patterns pre-warm acted on, as sentences.
+    pub prewarm_patterns: Vec<String>,
 }
 
 impl Decision {
@@ -409,6 +458,13 @@ impl Decision {
         }
         if self.warm_pool > 0 {
             reasons.push(format!("warm pool of {}", self.warm_pool));
+        }
+        if self.prewarm_pods > 0 {
+            reasons.push(format!(
+                "pre-warm: {} pod(s) for {}",
+                self.prewarm_pods,
+                self.prewarm_patterns.join("; ")
+            ));
         }
         for (kind, count) in &self.unschedulable {
             reasons.push(format!(
@@ -560,13 +616,7 @@ pub fn decide(settings: &Settings, demand: &Demand, fleet: &FleetSnapshot) -> De
     let idle_pods_spare: u64 = idle.iter().map(|slots| slots.count).sum();
     let warm_pool = u64::from(settings.warm_pool);
     let unclamped = busy_pods + idle_pods_used + new_pods + unknown_pods + warm_pool;
-    let (desired, clamp) = if unclamped < u64::from(settings.min_replicas) {
-        (settings.min_replicas, Some(Clamp::Min))
-    } else if unclamped > u64::from(settings.max_replicas) {
-        (settings.max_replicas, Some(Clamp::Max))
-    } else {
-        (unclamped as u32, None)
-    };
+    let (desired, clamp) = clamp(settings, unclamped);
     Decision {
         desired,
         unclamped,
@@ -583,6 +633,19 @@ pub fn decide(settings: &Settings, demand: &Demand, fleet: &FleetSnapshot) -> De
         clamp,
         unseen_starts: 0,
         unseen_starts_unplaced: 0,
+        prewarm_pods: 0,
+        prewarm_patterns: Vec::new(),
+    }
+}
+
+/// The count within `[min, max]`, and which clamp changed it.
+pub fn clamp(settings: &Settings, unclamped: u64) -> (u32, Option<Clamp>) {
+    if unclamped < u64::from(settings.min_replicas) {
+        (settings.min_replicas, Some(Clamp::Min))
+    } else if unclamped > u64::from(settings.max_replicas) {
+        (settings.max_replicas, Some(Clamp::Max))
+    } else {
+        (unclamped as u32, None)
     }
 }
 
@@ -1172,6 +1235,7 @@ mod tests {
                         warm_pool,
                         min_replicas: min,
                         max_replicas: min + extra,
+                        ..Settings::default()
                     }
                 },
             )

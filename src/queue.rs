@@ -45,6 +45,8 @@
 //! | `egress-scaler:{q}:egress` | HASH | LiveKit egress id -> id of its active ticket |
 //! | `egress-scaler:{q}:recorded:<egress id>` | STRING | the ticket the egress was recorded for, kept `finished_ttl`: an egress is never adopted by a second ticket |
 //! | `egress-scaler:{q}:egress_over:<egress id>` | HASH | `state`, `error` of an egress whose end was reported before its start was recorded; 15 minutes |
+//! | `egress-scaler:{q}:arrivals:<kind>:<week>` | STRING | pre-warm's arrival counters (`crate::prewarm`): 10,080 saturating `u16` (`BITFIELD`), one per minute of week `<week>` since the epoch; 20,160 bytes; expires three weeks after the week began |
+//! | `egress-scaler:{q}:arrivals:kinds` | SET | the kinds that have arrival counters |
 //! | `egress-scaler:{q}:room:<room name>` | SET | ids of the queued tickets of one room |
 //! | `egress-scaler:{q}:events` | pub/sub channel | the queue name is published on every change (classic `PUBLISH`: every node of a cluster hears it) |
 //! | `egress-scaler:{q}:fence` | STRING | the dispatcher lease's fencing counter (`INCR` on each acquisition, see `dispatch::lease`) |
@@ -112,6 +114,7 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 
 use crate::egress_request::StartRequest;
 use crate::model::{Demand, EgressKind};
+use crate::prewarm::{ArrivalCounts, Cell};
 
 mod held;
 mod sentinel;
@@ -442,6 +445,8 @@ pub struct ScalingInput {
     pub demand: Demand,
     /// Kinds of the tickets started after the time asked, oldest start first.
     pub started_since: Vec<EgressKind>,
+    /// The arrival counts of the buckets asked for (pre-warm).
+    pub arrivals: ArrivalCounts,
 }
 
 /// Most starts [`QueueStore::scaling_input`] reads: far more than start within one fleet
@@ -1215,7 +1220,12 @@ impl QueueStore {
             Some(text) => invocation.arg("1").arg(text),
             None => invocation.arg("0").arg(""),
         };
-        invocation.arg(&digest);
+        let arrival = Cell::at(now_ms);
+        invocation
+            .arg(&digest)
+            .arg(arrival.week)
+            .arg(arrival.bucket)
+            .arg(arrival.forget_at_ms());
         let (id, state, rank, found): (String, String, i64, i64) =
             decode(self.invoke(&invocation).await?, "enqueue reply")?;
         Ok(Enqueued {
@@ -1244,6 +1254,18 @@ impl QueueStore {
         queue: &QueueName,
         started_after_ms: Option<u64>,
     ) -> Result<ScalingInput, QueueError> {
+        self.scaling_input_ahead(queue, started_after_ms, &[]).await
+    }
+
+    /// [`QueueStore::scaling_input`], and in the same round trip the arrival counts of the
+    /// buckets pre-warm asks for (`cells` sorted, as [`crate::prewarm::cells_to_read`] gives
+    /// them).
+    pub async fn scaling_input_ahead(
+        &self,
+        queue: &QueueName,
+        started_after_ms: Option<u64>,
+        cells: &[Cell],
+    ) -> Result<ScalingInput, QueueError> {
         let keys = Keys::of(queue);
         let mut invocation = SCALING.prepare_invoke();
         for key in [
@@ -1266,8 +1288,29 @@ impl QueueStore {
             .arg(MAX_UNSEEN_STARTS)
             .arg(events_channel(queue))
             .arg(queue.as_str());
-        let (demand, kinds, removed): (HashMap<String, u64>, Vec<String>, Vec<String>) =
+        for week in cells.chunk_by(|a, b| a.week == b.week) {
+            invocation.arg(week[0].week).arg(week.len());
+            for cell in week {
+                invocation.arg(cell.bucket);
+            }
+        }
+        type Reply = (
+            HashMap<String, u64>,
+            Vec<String>,
+            Vec<String>,
+            Vec<(String, Vec<u32>)>,
+        );
+        let (demand, kinds, removed, counted): Reply =
             decode(self.read(&invocation).await?, "scaling input")?;
+        let mut arrivals = ArrivalCounts::default();
+        for (kind, counts) in counted {
+            let kind = kind
+                .parse::<EgressKind>()
+                .map_err(|error| QueueError::Corrupt(error.to_string()))?;
+            for (cell, count) in cells.iter().zip(counts) {
+                arrivals.set(kind, *cell, count);
+            }
+        }
         log_lost_tickets(queue, &removed);
         let started_since = kinds
             .iter()
@@ -1279,6 +1322,7 @@ impl QueueStore {
         Ok(ScalingInput {
             demand: parse_demand(demand)?,
             started_since,
+            arrivals,
         })
     }
 

@@ -7,7 +7,8 @@
 //! that snapshot's observation began (minus the Prometheus lag with that source), and runs
 //! [`crate::model::decide_with_unseen_starts`]: a start the snapshot does not show yet keeps
 //! its pod busy, whichever replica dispatched it, so desired does not dip until the next
-//! refresh. When either input is missing the answer is `Unavailable`, so KEDA keeps the
+//! refresh. With pre-warm on, the same round trip reads the arrival counters of the buckets
+//! starting within the lead time ([`crate::prewarm`]). When either input is missing the answer is `Unavailable`, so KEDA keeps the
 //! current replica count instead of scaling on a made-up zero.
 
 use std::collections::HashMap;
@@ -22,7 +23,9 @@ use tonic::{Request, Response, Status};
 
 use crate::fleet::Fleet;
 use crate::intake::now_ms;
-use crate::model::{Decision, PodState, Settings, decide_with_unseen_starts};
+use crate::kube_scale::ScaleUpAssist;
+use crate::model::{Decision, PodState, Prewarm, Settings};
+use crate::prewarm::{cells_to_read, decide_ahead, expect};
 use crate::queue::{QueueEvent, QueueName, QueueStore, ServedQueues};
 use crate::telemetry::{Metrics, RpcMethod};
 
@@ -68,7 +71,7 @@ pub struct MetadataError {
 
 /// The trigger metadata keys egress-scaler reads (DESIGN.md 5); KEDA's own keys such as
 /// `scalerAddress` arrive too and are ignored.
-pub const METADATA_KEYS: [&str; 4] = ["queue", "warmPool", "minReplicas", "maxReplicas"];
+pub const METADATA_KEYS: [&str; 5] = ["queue", "warmPool", "minReplicas", "maxReplicas", "prewarm"];
 
 /// Parses `scalerMetadata` for a process serving `served`: as [`parse_metadata`], and the
 /// queue must be served.
@@ -121,6 +124,15 @@ pub fn parse_metadata(
     settings.warm_pool = count("warmPool", defaults.warm_pool)?;
     settings.min_replicas = count("minReplicas", defaults.min_replicas)?;
     settings.max_replicas = count("maxReplicas", defaults.max_replicas)?;
+    match metadata.get("prewarm").map(|value| value.trim()) {
+        None | Some("") => {}
+        Some(value) => {
+            settings.prewarm = value.parse().map_err(|reason| MetadataError {
+                key: "prewarm",
+                reason,
+            })?;
+        }
+    }
     if settings.min_replicas > settings.max_replicas {
         return Err(MetadataError {
             key: "maxReplicas",
@@ -142,6 +154,8 @@ pub struct Evaluator {
     /// How long after a start the fleet source may still not show it (the Prometheus scrape
     /// interval; zero when the pods are scraped directly).
     observation_lag: Duration,
+    /// The scale-up assist and the queue whose decisions it is offered.
+    assist: Option<(QueueName, ScaleUpAssist)>,
 }
 
 /// The time (ms since the epoch) after which a start may be missing from a fleet snapshot:
@@ -176,7 +190,14 @@ impl Evaluator {
             fleet,
             metrics,
             observation_lag: Duration::ZERO,
+            assist: None,
         }
+    }
+
+    /// The same, offering every decision of `queue` to the scale-up assist.
+    pub fn with_assist(mut self, queue: QueueName, assist: ScaleUpAssist) -> Self {
+        self.assist = Some((queue, assist));
+        self
     }
 
     /// The same, for a fleet source that shows a start up to `lag` late (Prometheus).
@@ -202,17 +223,30 @@ impl Evaluator {
                     self.observation_lag,
                 )
             });
+        let now = now_ms();
+        let lead = target.settings.prewarm_lead_ms;
+        // Outside the lead time of a bucket start there is nothing to read: no extra work.
+        let cells = match target.settings.prewarm {
+            Prewarm::Auto => cells_to_read(now, lead),
+            Prewarm::Off => Vec::new(),
+        };
         let input = self
             .store
-            .scaling_input(&target.queue, unseen_after)
+            .scaling_input_ahead(&target.queue, unseen_after, &cells)
             .await?;
-        let decision = decide_with_unseen_starts(
+        let decision = decide_ahead(
             &target.settings,
             &input.demand,
             &snapshot,
             &input.started_since,
+            &expect(now, lead, &input.arrivals),
         );
         self.metrics.record_decision(&target.queue, &decision);
+        if let Some((queue, assist)) = &self.assist
+            && *queue == target.queue
+        {
+            assist.offer(decision.desired);
+        }
         Ok(decision)
     }
 }
@@ -549,6 +583,21 @@ mod tests {
             "maxReplicas"
         );
         assert_eq!(parse(&[("queue", "no spaces")]).unwrap_err().key, "queue");
+        assert_eq!(parse(&[("prewarm", "on")]).unwrap_err().key, "prewarm");
+    }
+
+    #[test]
+    fn prewarm_is_switched_per_trigger() {
+        use crate::model::Prewarm;
+        assert_eq!(
+            parse(&[("prewarm", "auto")]).unwrap().settings.prewarm,
+            Prewarm::Auto
+        );
+        assert_eq!(
+            parse(&[("prewarm", " off ")]).unwrap().settings.prewarm,
+            Prewarm::Off
+        );
+        assert_eq!(parse(&[]).unwrap().settings.prewarm, Prewarm::Off);
     }
 
     #[test]

@@ -260,8 +260,21 @@ pub async fn start(config: ServeConfig, shutdown: CancellationToken) -> anyhow::
         });
     }
 
-    let evaluator = Evaluator::new(store.clone(), fleet.clone(), Arc::clone(&metrics))
+    let mut evaluator = Evaluator::new(store.clone(), fleet.clone(), Arc::clone(&metrics))
         .with_observation_lag(reservation_lag);
+    if let Some(kube_scale) = &config.kube_scale {
+        let scale = crate::kube_scale::DeploymentScale::connect(kube_scale)
+            .await
+            .with_context(|| format!("--kube-scale {}", kube_scale.deployment))?;
+        let (assist, desired) = crate::kube_scale::ScaleUpAssist::new();
+        evaluator = evaluator.with_assist(config.queues.default_queue().clone(), assist);
+        let token = shutdown.clone();
+        let metrics = Arc::clone(&metrics);
+        tasks.spawn(async move {
+            crate::kube_scale::run_assist(scale, desired, metrics, token).await;
+            Ok(())
+        });
+    }
     let scaler = ScalerService::new(
         evaluator,
         config.queues.clone(),

@@ -92,6 +92,10 @@ pub struct Metrics {
     pub queue_oldest_age_seconds: Family<QueueLabels, Gauge<f64, AtomicU64>>,
     /// Last desired replica count answered or computed.
     pub desired_replicas: Family<QueueLabels, Gauge>,
+    /// Of those, the pods pre-warm added ahead of the arrival pattern.
+    pub prewarm_pods: Family<QueueLabels, Gauge>,
+    /// Scale-up assist writes of the Deployment's replicas, by outcome.
+    pub kube_scale_writes: Family<KubeScaleLabels, Counter>,
     /// KEDA gRPC calls by method and status code.
     pub grpc_requests: Family<RpcLabels, Counter>,
     /// KEDA gRPC call durations.
@@ -106,6 +110,13 @@ pub struct Metrics {
     pub redis_eviction_policy_ok: Gauge,
     /// 1 for the `maxmemory-policy` last read (the only series), by policy name.
     pub redis_eviction_policy: Family<PolicyLabels, Gauge>,
+}
+
+/// Labels of the scale-up assist's write counter.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct KubeScaleLabels {
+    /// `raised`, `conflict`, `forbidden` or `error`.
+    pub outcome: &'static str,
 }
 
 /// Labels of the Redis eviction policy gauge.
@@ -123,6 +134,8 @@ impl Metrics {
             queue_depth: Family::default(),
             queue_oldest_age_seconds: Family::default(),
             desired_replicas: Family::default(),
+            prewarm_pods: Family::default(),
+            kube_scale_writes: Family::default(),
             grpc_requests: Family::default(),
             grpc_duration_seconds: Family::new_with_constructor(|| {
                 Histogram::new(exponential_buckets(0.0001, 2.5, 14))
@@ -146,6 +159,16 @@ impl Metrics {
             "egress_scaler_desired_replicas",
             "Desired egress replicas of the last decision, by queue",
             metrics.desired_replicas.clone(),
+        );
+        registry.register(
+            "egress_scaler_prewarm_pods",
+            "Pods of the last decision added ahead of the arrival pattern, by queue",
+            metrics.prewarm_pods.clone(),
+        );
+        registry.register(
+            "egress_scaler_kube_scale_writes",
+            "Scale-up assist: writes of the egress Deployment's replicas by outcome",
+            metrics.kube_scale_writes.clone(),
         );
         registry.register(
             "egress_scaler_grpc_requests",
@@ -212,6 +235,18 @@ impl Metrics {
                 queue: queue.to_string(),
             })
             .set(i64::from(decision.desired));
+        self.prewarm_pods
+            .get_or_create(&QueueLabels {
+                queue: queue.to_string(),
+            })
+            .set(decision.prewarm_pods as i64);
+    }
+
+    /// Counts one write (or refused write) of the scale-up assist.
+    pub fn record_kube_scale(&self, outcome: &'static str) {
+        self.kube_scale_writes
+            .get_or_create(&KubeScaleLabels { outcome })
+            .inc();
     }
 
     /// Records queue depth and oldest age of a served queue.

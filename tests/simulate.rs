@@ -47,6 +47,9 @@ fn every_policy_gets_a_row_and_the_files_are_written() {
     assert!(output.status.success(), "{text}{}", stderr(&output));
     for policy in [
         "egress-scaler",
+        "egress-scaler+prewarm",
+        "egress-scaler+assist",
+        "egress-scaler+prewarm+assist",
         "hpa-cpu",
         "keda-prometheus-available",
         "keda-redis-list",
@@ -70,7 +73,7 @@ fn every_policy_gets_a_row_and_the_files_are_written() {
     let json: Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("burst.json")).unwrap()).unwrap();
     let policies = json["policies"].as_array().unwrap();
-    assert_eq!(policies.len(), 5);
+    assert_eq!(policies.len(), 8);
     assert_eq!(json["sweep"].as_array().unwrap().len(), 2);
     assert_eq!(json["requests"], 100);
     assert_eq!(json["ceiling"], 100);
@@ -81,15 +84,15 @@ fn every_policy_gets_a_row_and_the_files_are_written() {
     assert_eq!(ours["failed"], 0);
 
     let csv = std::fs::read_to_string(dir.join("burst.csv")).unwrap();
-    assert_eq!(csv.lines().count(), 1 + 5 + 2);
+    assert_eq!(csv.lines().count(), 1 + 8 + 2);
     assert!(csv.starts_with("trace,policy,warm_pool,"));
     let timeline = std::fs::read_to_string(dir.join("burst-timeline.csv")).unwrap();
     assert!(timeline.starts_with("policy,seconds,demand,pods,replicas,waiting\n"));
-    assert!(timeline.lines().count() > 5 * 100);
+    assert!(timeline.lines().count() > 8 * 100);
     let svg = std::fs::read_to_string(dir.join("burst.svg")).unwrap();
     assert!(svg.starts_with("<svg "), "{}", &svg[..80]);
     assert!(svg.trim_end().ends_with("</svg>"));
-    assert_eq!(svg.matches("<polyline").count(), 5 * 3);
+    assert_eq!(svg.matches("<polyline").count(), 8 * 3);
     assert!(dir.join("summary.csv").is_file());
     assert!(dir.join("burst-trace.csv").is_file());
     std::fs::remove_dir_all(&dir).unwrap();

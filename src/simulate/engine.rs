@@ -13,13 +13,14 @@ use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
 
 use crate::model::{
-    Demand, EgressKind, FleetSnapshot, Pod, PodLoad, PodState, Settings, choose_pod, decide,
-    reported_type,
+    Demand, EgressKind, FleetSnapshot, Pod, PodLoad, PodState, Prewarm, Settings, choose_pod,
+    decide, reported_type,
 };
+use crate::prewarm::{ArrivalHistory, cells_to_read, decide_ahead, expect};
 
 use crate::standin::StartTiming;
 
-use super::trace::Trace;
+use super::trace::{TRACE_EPOCH_MS, Trace};
 use super::{Policy, SimOptions};
 use crate::kube::{
     Activity, Hpa, HpaSpec, Keda, KedaAction, KedaState, MetricReading, Millis, RankedPod,
@@ -76,8 +77,11 @@ pub struct Outcome {
     pub starts: Vec<StartRecord>,
     /// Requests that failed (the 503 of DESIGN.md 1, or a job larger than a pod).
     pub failed: Vec<usize>,
-    /// Wait from request to start of each started request, in milliseconds, sorted.
+    /// Wait from request to start of each started request that arrived from `report_from`
+    /// on, in milliseconds, sorted.
     pub waits: Vec<Millis>,
+    /// The table counts waits and pod-hours from here (the trace's `report_from`).
+    pub report_from: Millis,
     /// Every pod that existed.
     pub pods: Vec<PodRecord>,
     /// The timeline.
@@ -88,14 +92,14 @@ pub struct Outcome {
 }
 
 impl Outcome {
-    /// Pod-hours within the horizon.
+    /// Pod-hours from `report_from` to the horizon.
     pub fn pod_hours(&self) -> f64 {
         let millis: u64 = self
             .pods
             .iter()
             .map(|pod| {
                 let end = pod.gone.unwrap_or(self.horizon).min(self.horizon);
-                end.saturating_sub(pod.created)
+                end.saturating_sub(pod.created.max(self.report_from))
             })
             .sum();
         millis as f64 / 3_600_000.0
@@ -252,6 +256,8 @@ struct Sim<'a> {
     timeline: Vec<Sample>,
     running: u32,
     end: Millis,
+    /// Pre-warm's arrival counters, fed as arrivals happen: never ahead of the simulated now.
+    history: ArrivalHistory,
 }
 
 /// A request still waiting this long after the horizon counts as never started.
@@ -261,7 +267,10 @@ const GIVE_UP_AFTER: Millis = 24 * 3_600_000;
 fn scaled_object(policy: Policy, options: &SimOptions) -> Option<&ScaledObject> {
     match policy {
         Policy::HpaCpu | Policy::Oracle => None,
-        Policy::EgressScaler => Some(&options.egress_scaler),
+        Policy::EgressScaler
+        | Policy::EgressScalerPrewarm
+        | Policy::EgressScalerAssist
+        | Policy::EgressScalerPrewarmAssist => Some(&options.egress_scaler),
         Policy::KedaPrometheusAvailable | Policy::KedaRedisList => Some(&options.anchor),
     }
 }
@@ -289,11 +298,16 @@ pub fn run(trace: &Trace, policy: Policy, options: &SimOptions) -> Outcome {
     if policy == Policy::Oracle {
         return oracle(trace, options);
     }
+    let mut settings = options.settings.clone();
+    if policy.prewarm() {
+        settings.prewarm = Prewarm::Auto;
+        settings.prewarm_lead_ms = prewarm_lead(options);
+    }
     let mut sim = Sim {
         trace,
         options,
         policy,
-        settings: options.settings.clone(),
+        settings,
         events: BinaryHeap::new(),
         seq: 0,
         pods: Vec::new(),
@@ -314,6 +328,7 @@ pub fn run(trace: &Trace, policy: Policy, options: &SimOptions) -> Outcome {
         timeline: Vec::new(),
         running: 0,
         end: trace.horizon,
+        history: ArrivalHistory::default(),
     };
     sim.run();
     let mut waits = sim.waits;
@@ -326,7 +341,14 @@ pub fn run(trace: &Trace, policy: Policy, options: &SimOptions) -> Outcome {
         pods: sim.pods.iter().map(|pod| pod.record).collect(),
         timeline: sim.timeline,
         horizon: sim.end,
+        report_from: trace.report_from,
     }
+}
+
+/// Pre-warm's lead time in the simulation: the cold start, one HPA sync and a 15 s margin,
+/// as `--prewarm-lead-seconds` defaults to with a 30 s cold start.
+pub fn prewarm_lead(options: &SimOptions) -> Millis {
+    options.cold_start + options.hpa_sync + 15_000
 }
 
 impl Sim<'_> {
@@ -421,6 +443,7 @@ impl Sim<'_> {
                 if self.keda().is_some_and(|keda| keda.push) {
                     self.push_activity(now);
                 }
+                self.assist(now);
                 self.at(now + self.options.fleet_refresh, Event::FleetRefresh);
             }
             Event::MetricsScrape => {
@@ -430,7 +453,7 @@ impl Sim<'_> {
             Event::KedaPoll => {
                 let activity = if self.scaler_down(now) {
                     Activity::Failed
-                } else if self.is_active() {
+                } else if self.is_active(now) {
                     Activity::Active
                 } else {
                     Activity::Inactive
@@ -461,12 +484,16 @@ impl Sim<'_> {
             }
             return;
         }
+        if self.policy.prewarm() {
+            self.history.record(kind, TRACE_EPOCH_MS + now);
+        }
         if self.policy.queued() {
             self.queue.push_back(request);
             self.dispatch(now);
             if self.keda().is_some_and(|keda| keda.push) {
                 self.push_activity(now);
             }
+            self.assist(now);
         } else {
             self.call_start(now, request);
         }
@@ -584,7 +611,9 @@ impl Sim<'_> {
             pod,
         });
         let arrival = &self.trace.arrivals[request];
-        self.waits.push(started - arrival.at);
+        if arrival.at >= self.trace.report_from {
+            self.waits.push(started - arrival.at);
+        }
         let end = started + arrival.duration;
         self.at(end, Event::JobEnd { pod, request });
         true
@@ -685,14 +714,45 @@ impl Sim<'_> {
         demand
     }
 
-    fn egress_scaler_desired(&self) -> u32 {
-        decide(&self.settings, &self.demand(), &self.fleet).desired
+    /// The answer egress-scaler gives at `now`: [`decide`], or with pre-warm [`decide_ahead`]
+    /// over the arrival counters as `serve` reads them from Redis.
+    fn egress_scaler_desired(&self, now: Millis) -> u32 {
+        if !self.policy.prewarm() {
+            return decide(&self.settings, &self.demand(), &self.fleet).desired;
+        }
+        let wall = TRACE_EPOCH_MS + now;
+        let lead = self.settings.prewarm_lead_ms;
+        let counts = self.history.read(wall, &cells_to_read(wall, lead));
+        decide_ahead(
+            &self.settings,
+            &self.demand(),
+            &self.fleet,
+            &[],
+            &expect(wall, lead, &counts),
+        )
+        .desired
+    }
+
+    /// The scale-up assist: whenever the scaler evaluates (an arrival, a fleet refresh) and
+    /// wants more than the Deployment has, it writes that count through the scale
+    /// subresource at once; it never lowers it.
+    fn assist(&mut self, now: Millis) {
+        if !self.policy.assist() || self.scaler_down(now) {
+            return;
+        }
+        let desired = self.egress_scaler_desired(now).min(self.options.ceiling);
+        if desired > self.replicas {
+            self.scale_to(now, desired);
+        }
     }
 
     /// The trigger's activity as KEDA would read it.
-    fn is_active(&self) -> bool {
+    fn is_active(&self, now: Millis) -> bool {
         match self.policy {
-            Policy::EgressScaler => self.egress_scaler_desired() > 0,
+            Policy::EgressScaler
+            | Policy::EgressScalerPrewarm
+            | Policy::EgressScalerAssist
+            | Policy::EgressScalerPrewarmAssist => self.egress_scaler_desired(now) > 0,
             Policy::KedaRedisList => !self.queue.is_empty(),
             Policy::KedaPrometheusAvailable => {
                 self.scraped.unavailable + self.options.available_target > 0
@@ -708,7 +768,7 @@ impl Sim<'_> {
         if self.scaler_down(now) {
             return; // the scaler cannot tell; the stream stays quiet
         }
-        let active = self.is_active();
+        let active = self.is_active(now);
         let edge = active && !self.pushed_active;
         self.pushed_active = active;
         if !edge {
@@ -743,7 +803,10 @@ impl Sim<'_> {
         }
         let average = |value: f64| MetricReading::AverageValue { value, target: 1.0 };
         let value = match self.policy {
-            Policy::EgressScaler => f64::from(self.egress_scaler_desired()),
+            Policy::EgressScaler
+            | Policy::EgressScalerPrewarm
+            | Policy::EgressScalerAssist
+            | Policy::EgressScalerPrewarmAssist => f64::from(self.egress_scaler_desired(now)),
             Policy::KedaRedisList => self.queue.len() as f64,
             Policy::KedaPrometheusAvailable => {
                 f64::from(self.scraped.unavailable + self.options.available_target)
@@ -935,6 +998,7 @@ fn oracle(trace: &Trace, options: &SimOptions) -> Outcome {
         starts,
         failed,
         waits,
+        report_from: trace.report_from,
         pods: records,
         timeline,
         horizon: trace.horizon,
@@ -1042,8 +1106,23 @@ mod tests {
     #[test]
     fn every_policy_keeps_the_invariants_on_every_built_in_trace() {
         for built_in in BuiltIn::ALL {
-            let trace = built_in.generate(5);
-            for warm_pool in [0, 1] {
+            let mut trace = built_in.generate(5);
+            // The long traces shortened, so that a debug build runs them in seconds:
+            // work-week to Monday-Thursday (pre-warm acts on Thursday), random to a day.
+            let days = match built_in {
+                BuiltIn::WorkWeek => 4,
+                BuiltIn::Random => 1,
+                _ => 0,
+            };
+            let warm_pools: &[u32] = if days > 0 {
+                let day = 24 * 3_600_000;
+                trace.arrivals.retain(|arrival| arrival.at < days * day);
+                trace = Trace::new(&trace.name, trace.arrivals, days * day);
+                &[0]
+            } else {
+                &[0, 1]
+            };
+            for &warm_pool in warm_pools {
                 let mut options = SimOptions::default();
                 options.settings.warm_pool = warm_pool;
                 for policy in Policy::ALL {

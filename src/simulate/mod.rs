@@ -34,6 +34,13 @@ pub use trace::{BuiltIn, Trace};
 pub enum Policy {
     /// This project: the replica model, push activation, the queue and its dispatcher.
     EgressScaler,
+    /// egress-scaler with pre-warm: it learns the arrival pattern as the trace plays (only
+    /// from arrivals before the simulated now) and scales ahead of it.
+    EgressScalerPrewarm,
+    /// egress-scaler with the scale-up assist: it raises the Deployment's replicas at once.
+    EgressScalerAssist,
+    /// egress-scaler with both.
+    EgressScalerPrewarmAssist,
     /// The LiveKit Helm chart's default: HPA on 60 % CPU, at least one pod, no queue.
     HpaCpu,
     /// KEDA's Prometheus scaler keeping `sum(livekit_egress_available)` at a target, no queue.
@@ -46,8 +53,11 @@ pub enum Policy {
 
 impl Policy {
     /// Every policy, in table order.
-    pub const ALL: [Policy; 5] = [
+    pub const ALL: [Policy; 8] = [
         Policy::EgressScaler,
+        Policy::EgressScalerPrewarm,
+        Policy::EgressScalerAssist,
+        Policy::EgressScalerPrewarmAssist,
         Policy::HpaCpu,
         Policy::KedaPrometheusAvailable,
         Policy::KedaRedisList,
@@ -58,6 +68,9 @@ impl Policy {
     pub fn as_str(self) -> &'static str {
         match self {
             Policy::EgressScaler => "egress-scaler",
+            Policy::EgressScalerPrewarm => "egress-scaler+prewarm",
+            Policy::EgressScalerAssist => "egress-scaler+assist",
+            Policy::EgressScalerPrewarmAssist => "egress-scaler+prewarm+assist",
             Policy::HpaCpu => "hpa-cpu",
             Policy::KedaPrometheusAvailable => "keda-prometheus-available",
             Policy::KedaRedisList => "keda-redis-list",
@@ -67,7 +80,34 @@ impl Policy {
 
     /// Requests go through the queue and the dispatcher (else straight to livekit-server).
     pub fn queued(self) -> bool {
-        matches!(self, Policy::EgressScaler | Policy::KedaRedisList)
+        self.is_egress_scaler() || self == Policy::KedaRedisList
+    }
+
+    /// One of the egress-scaler rows: the replica model behind KEDA and the HPA.
+    pub fn is_egress_scaler(self) -> bool {
+        matches!(
+            self,
+            Policy::EgressScaler
+                | Policy::EgressScalerPrewarm
+                | Policy::EgressScalerAssist
+                | Policy::EgressScalerPrewarmAssist
+        )
+    }
+
+    /// Scales ahead of the arrival pattern ([`crate::prewarm`]).
+    pub fn prewarm(self) -> bool {
+        matches!(
+            self,
+            Policy::EgressScalerPrewarm | Policy::EgressScalerPrewarmAssist
+        )
+    }
+
+    /// Raises the Deployment's replicas at once ([`crate::kube_scale`]).
+    pub fn assist(self) -> bool {
+        matches!(
+            self,
+            Policy::EgressScalerAssist | Policy::EgressScalerPrewarmAssist
+        )
     }
 }
 
@@ -86,7 +126,7 @@ impl FromStr for Policy {
             .find(|policy| policy.as_str() == s)
             .ok_or_else(|| {
                 format!(
-                    "unknown policy {s:?} (expected one of egress-scaler, hpa-cpu, keda-prometheus-available, keda-redis-list, oracle)"
+                    "unknown policy {s:?} (expected one of egress-scaler, egress-scaler+prewarm, egress-scaler+assist, egress-scaler+prewarm+assist, hpa-cpu, keda-prometheus-available, keda-redis-list, oracle)"
                 )
             })
     }
@@ -305,14 +345,14 @@ pub fn run_trace(trace: Trace, config: &SimulateConfig) -> TraceResult {
     let mut rows: Vec<report::Row> = outcomes
         .iter()
         .map(|outcome| {
-            let warm = if outcome.policy == Policy::EgressScaler {
+            let warm = if outcome.policy.is_egress_scaler() {
                 options.settings.warm_pool
             } else {
                 0
             };
             let mut row = report::Row::of(&trace.name, requests, warm, cold_seconds, outcome);
             row.scale_down_seconds = match outcome.policy {
-                Policy::EgressScaler => scale_down_seconds,
+                policy if policy.is_egress_scaler() => scale_down_seconds,
                 Policy::HpaCpu => crate::kube::hpa::DEFAULT_DOWNSCALE_WINDOW as f64 / 1000.0,
                 _ => options.anchor.scale_down_window() as f64 / 1000.0,
             };
@@ -406,6 +446,21 @@ fn tolerance_note(tolerance: ClusterTolerance) -> String {
     }
 }
 
+/// What the table counts: "cost counted over 24.0 h", or for a trace with history to learn
+/// from, "waits and cost counted over the last 168.0 h".
+fn reported_span(trace: &Trace) -> String {
+    let hours = |millis: Millis| millis as f64 / 3_600_000.0;
+    if trace.report_from == 0 {
+        format!("cost counted over {:.1} h", hours(trace.horizon))
+    } else {
+        format!(
+            "waits and cost counted over the last {:.1} h (from hour {:.1}; starts and failures over all)",
+            hours(trace.horizon - trace.report_from),
+            hours(trace.report_from)
+        )
+    }
+}
+
 /// About 1,500 samples over the trace, at least one every 5 s.
 fn sample_resolution(options: &SimOptions, trace: &Trace) -> SimOptions {
     let mut options = options.clone();
@@ -430,10 +485,10 @@ pub fn simulate(config: &SimulateConfig, out: &mut dyn std::io::Write) -> anyhow
         let trace = &result.trace;
         writeln!(
             out,
-            "trace {}: {} requests, cost counted over {:.1} h; cold start {} s, warm pool {}, HPA sync {} s, ceiling {}, tolerance {}",
+            "trace {}: {} requests, {}; cold start {} s, warm pool {}, HPA sync {} s, ceiling {}, tolerance {}",
             trace.name,
             trace.arrivals.len(),
-            trace.horizon as f64 / 3_600_000.0,
+            reported_span(trace),
             config.options.cold_start as f64 / 1000.0,
             config.options.settings.warm_pool,
             config.options.hpa_sync as f64 / 1000.0,

@@ -31,9 +31,17 @@ pub struct Trace {
     pub name: String,
     /// Arrivals sorted by time.
     pub arrivals: Vec<Arrival>,
-    /// Pod-hours are counted from 0 to here.
+    /// Pod-hours are counted up to here.
     pub horizon: Millis,
+    /// The table reports from here on (waits of the arrivals from here, pod-hours from here
+    /// to the horizon): the last week of `work-week`, whose first weeks are history to learn
+    /// from; 0 for the others.
+    pub report_from: Millis,
 }
+
+/// The wall-clock time (ms since the Unix epoch) of a trace's time 0: Monday 2024-01-01
+/// 00:00 UTC, so that pre-warm sees the days of the week a trace means.
+pub const TRACE_EPOCH_MS: u64 = 1_704_067_200_000;
 
 /// The built-in synthetic traces.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,15 +54,22 @@ pub enum BuiltIn {
     Night,
     /// Every kind of egress over a working day.
     Mixed,
+    /// Three weeks of weekday meetings on the hour and half hour, with day-to-day noise in
+    /// count and start time, and quiet weekends; the table reports the last week.
+    WorkWeek,
+    /// A week of Poisson arrivals: no pattern at all.
+    Random,
 }
 
 impl BuiltIn {
     /// Every built-in trace.
-    pub const ALL: [BuiltIn; 4] = [
+    pub const ALL: [BuiltIn; 6] = [
         BuiltIn::BusinessDay,
         BuiltIn::Burst,
         BuiltIn::Night,
         BuiltIn::Mixed,
+        BuiltIn::WorkWeek,
+        BuiltIn::Random,
     ];
 
     /// Its name on the command line.
@@ -64,6 +79,8 @@ impl BuiltIn {
             BuiltIn::Burst => "burst",
             BuiltIn::Night => "night",
             BuiltIn::Mixed => "mixed",
+            BuiltIn::WorkWeek => "work-week",
+            BuiltIn::Random => "random",
         }
     }
 
@@ -75,6 +92,13 @@ impl BuiltIn {
             BuiltIn::Mixed => business_day(&mut rng, mixed_kind),
             BuiltIn::Burst => burst(&mut rng),
             BuiltIn::Night => night(&mut rng),
+            BuiltIn::WorkWeek => {
+                let (arrivals, horizon) = work_week(&mut rng);
+                let mut trace = Trace::new(self.as_str(), arrivals, horizon);
+                trace.report_from = (WORK_WEEKS - 1) * WEEK;
+                return trace;
+            }
+            BuiltIn::Random => random(&mut rng),
         };
         Trace::new(self.as_str(), arrivals, horizon)
     }
@@ -100,6 +124,10 @@ impl FromStr for BuiltIn {
 const SECOND: Millis = 1_000;
 const MINUTE: Millis = 60 * SECOND;
 const HOUR: Millis = 60 * MINUTE;
+const DAY: Millis = 24 * HOUR;
+const WEEK: Millis = 7 * DAY;
+/// Weeks of `work-week`.
+const WORK_WEEKS: u64 = 3;
 
 impl Trace {
     /// A trace from arrivals in any order; `horizon` is raised to cover every recording.
@@ -114,6 +142,7 @@ impl Trace {
             name: name.to_owned(),
             arrivals,
             horizon: horizon.max(last_end + HOUR),
+            report_from: 0,
         }
     }
 
@@ -278,6 +307,74 @@ fn night(rng: &mut StdRng) -> (Vec<Arrival>, Millis) {
     (arrivals, 8 * HOUR)
 }
 
+/// Three weeks from Monday 00:00 (see [`TRACE_EPOCH_MS`]). Each weekday has the same
+/// meetings: every half-hour slot from 08:00 to 17:30 has its usual number of rooms (drawn
+/// once: 1 to 6, more in the late morning and early afternoon), and each day draws its own
+/// count around it (Poisson) and its own start times: from 30 s early to a few minutes late
+/// (30 s before the slot plus an exponential delay, mean 60 s, at most 8 minutes). They last
+/// about 30 or 60 minutes. Weekends are quiet: a room now and then (one a day on average) at
+/// any time between 10:00 and 20:00.
+fn work_week(rng: &mut StdRng) -> (Vec<Arrival>, Millis) {
+    let usual: Vec<f64> = (0..20u64)
+        .map(|slot| {
+            let hour = 8 + slot / 2;
+            let busy = matches!(hour, 9..=11 | 13..=15);
+            let low = if busy { 3 } else { 1 };
+            rng.random_range(low..=low + 3) as f64
+        })
+        .collect();
+    let mut arrivals = Vec::new();
+    for day in 0..WORK_WEEKS * 7 {
+        let midnight = day * DAY;
+        let add = |rng: &mut StdRng, at: Millis, arrivals: &mut Vec<Arrival>| {
+            let planned = if rng.random_bool(0.5) { 30 } else { 60 };
+            let duration = (planned as f64 * MINUTE as f64 * rng.random_range(0.7..1.15)) as Millis;
+            arrivals.push(Arrival {
+                at,
+                kind: EgressKind::RoomComposite,
+                duration,
+                room: format!("room-{:05}", arrivals.len() + 1),
+            });
+        };
+        if day % 7 >= 5 {
+            for _ in 0..poisson(rng, 1.0) {
+                let at = midnight + 10 * HOUR + rng.random_range(0..10 * HOUR);
+                add(rng, at, &mut arrivals);
+            }
+            continue;
+        }
+        for (slot, mean) in usual.iter().enumerate() {
+            let start = midnight + 8 * HOUR + slot as u64 * 30 * MINUTE;
+            for _ in 0..poisson(rng, *mean) {
+                let late = exponential(rng, 60.0 * SECOND as f64).min(8.0 * MINUTE as f64);
+                let at = start - 30 * SECOND + late as Millis;
+                add(rng, at, &mut arrivals);
+            }
+        }
+    }
+    (arrivals, WORK_WEEKS * WEEK)
+}
+
+/// A week of room composites arriving as a Poisson process, 4 an hour day and night,
+/// recording 10 to 60 minutes: nothing to learn.
+fn random(rng: &mut StdRng) -> (Vec<Arrival>, Millis) {
+    let mut arrivals = Vec::new();
+    let mut at = 0.0;
+    loop {
+        at += exponential(rng, 15.0 * MINUTE as f64);
+        if at >= WEEK as f64 {
+            break;
+        }
+        arrivals.push(Arrival {
+            at: at as Millis,
+            kind: EgressKind::RoomComposite,
+            duration: rng.random_range(10 * MINUTE..60 * MINUTE),
+            room: format!("room-{:05}", arrivals.len() + 1),
+        });
+    }
+    (arrivals, WEEK)
+}
+
 fn mixed_kind(rng: &mut StdRng) -> EgressKind {
     const WEIGHTS: [(EgressKind, u32); 7] = [
         (EgressKind::RoomComposite, 30),
@@ -356,6 +453,40 @@ mod tests {
                 .iter()
                 .all(|a| a.at >= 8 * HOUR && a.at < 18 * HOUR)
         );
+
+        let week = BuiltIn::WorkWeek.generate(1);
+        assert_eq!(week.report_from, 2 * WEEK);
+        let weekend = week
+            .arrivals
+            .iter()
+            .filter(|a| (a.at / DAY) % 7 >= 5)
+            .count();
+        assert!(weekend * 50 < week.arrivals.len(), "quiet weekends");
+        let on_slot = week
+            .arrivals
+            .iter()
+            .filter(|a| (a.at + 30 * SECOND) % (30 * MINUTE) < 5 * MINUTE)
+            .count();
+        assert!(
+            on_slot * 10 >= week.arrivals.len() * 8,
+            "mostly on the slot"
+        );
+        // The same slot differs from day to day.
+        let count_at = |day: u64| {
+            let slot = day * DAY + 10 * HOUR;
+            week.arrivals
+                .iter()
+                .filter(|a| a.at + 30 * SECOND >= slot && a.at < slot + 10 * MINUTE)
+                .count()
+        };
+        assert!(
+            (0..5).any(|day| count_at(day) != count_at(day + 1)),
+            "noise"
+        );
+
+        let random = BuiltIn::Random.generate(1);
+        let per_hour = random.arrivals.len() as f64 / (7.0 * 24.0);
+        assert!((3.0..5.0).contains(&per_hour), "{per_hour}");
 
         let mixed = BuiltIn::Mixed.generate(1);
         let kinds: std::collections::BTreeSet<_> = mixed.arrivals.iter().map(|a| a.kind).collect();

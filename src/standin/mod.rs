@@ -5,13 +5,16 @@
 //! - [`egress_pod`]: an egress pod's metrics endpoint, switchable between idle, busy,
 //!   terminating, disabled, slow, garbage, oversized and down.
 //! - [`prometheus_api`]: a Prometheus server's `/api/v1/query` over stand-in egress pods.
+//! - [`kube_api`]: the Kubernetes API's scale subresource of Deployments (409s, 403s).
 //! - [`livekit_server`]: livekit-server's egress Twirp API and webhooks over stand-in pods.
 
 pub mod egress_pod;
+pub mod kube_api;
 pub mod livekit_server;
 pub mod prometheus_api;
 
 pub use egress_pod::{BodyMode, EgressPodStandIn, StandInSample};
+pub use kube_api::{KubeApiStandIn, ScaleWrite};
 pub use livekit_server::{
     LiveKitServerStandIn, LiveKitStandInOptions, ScriptedStart, StartTiming, StartedEgress,
 };
