@@ -29,6 +29,9 @@ from referencing import Registry, Resource
 ROOT = Path(__file__).resolve().parent.parent
 SCHEMAS = ROOT / "scripts" / "schemas"
 MANIFEST_DIRS = ["deploy", "deploy/kube-scale", "keda"]
+# What the chart renders with its default values: the overlay deploy/kube-scale/ is the
+# chart's `kubeScale.enabled`, off by default.
+DEFAULT_DIRS = ["deploy", "keda"]
 # 1.33 is the first release whose HPA takes behavior.scaleUp.tolerance (keda/scaledobject.yaml).
 KUBERNETES_VERSIONS = ["1.33.0", "1.37.0"]
 OWN_SCHEMAS = {
@@ -132,6 +135,8 @@ def kustomized(directory, errors):
     kustomization = yaml.safe_load((directory / "kustomization.yaml").read_text())
     objects = []
     for resource in kustomization.get("resources", []):
+        if (directory / resource).is_dir():
+            continue  # a base, read on its own
         for document in yaml.safe_load_all((directory / resource).read_text()):
             if document is None:
                 continue
@@ -187,7 +192,7 @@ def env_of(objects, deployment_name):
 def check_chart_defaults(objects, errors):
     """The chart with default values renders exactly what deploy/ and keda/ apply."""
     expected = {}
-    for name in MANIFEST_DIRS:
+    for name in DEFAULT_DIRS:
         for document in kustomized(ROOT / name, errors):
             if object_key(document) not in NOT_IN_CHART:
                 expected[object_key(document)] = document
@@ -299,6 +304,21 @@ def expect_plain(objects, errors):
             errors.append(f"ci/plain-redis-values.yaml: {object_key(document)} should not be rendered")
 
 
+def check_chart_kube_scale(errors):
+    """`kubeScale.enabled` grants what the overlay deploy/kube-scale/ grants: the same Role rules
+    for the same egress Deployment, and the same flag."""
+    overlay = {object_key(d)[1]: d for d in kustomized(ROOT / "deploy/kube-scale", errors) if d.get("kind") in ("Role", "RoleBinding")}
+    objects = render_chart({"kubeScale": {"enabled": True, "deployment": "egress"}}, errors, "kubeScale.enabled") or []
+    chart = {object_key(d)[1]: d for d in objects if d.get("kind") in ("Role", "RoleBinding")}
+    if overlay.get("Role", {}).get("rules") != chart.get("Role", {}).get("rules"):
+        errors.append("chart kubeScale.enabled: its Role's rules differ from deploy/kube-scale/role.yaml")
+    if "RoleBinding" not in chart or "RoleBinding" not in overlay:
+        errors.append("chart kubeScale.enabled or deploy/kube-scale/: no RoleBinding")
+    _, container = env_of(objects, "egress-scaler")
+    if not any(arg.startswith("--kube-scale=") and arg.endswith("/egress") for arg in container.get("args", [])):
+        errors.append("chart kubeScale.enabled: serve is not given --kube-scale=<namespace>/egress")
+
+
 EXPECTATIONS = {
     "sentinel-values.yaml": expect_sentinel,
     "prometheus-values.yaml": expect_prometheus,
@@ -331,6 +351,7 @@ def check_chart(errors):
             check_document(f"chart ({where}) object {index + 1}", index, document, errors)
         if where == "default values":
             check_chart_defaults(objects, errors)
+            check_chart_kube_scale(errors)
         elif where.removeprefix("ci/") in EXPECTATIONS:
             EXPECTATIONS[where.removeprefix("ci/")](objects, errors)
         else:
